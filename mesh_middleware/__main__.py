@@ -1,0 +1,5 @@
+import sys
+
+from mesh_middleware.cli import main
+
+sys.exit(main())

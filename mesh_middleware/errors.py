@@ -1,0 +1,74 @@
+"""Exceptions raised by mesh-middleware.
+
+Hierarchy::
+
+    MeshError
+    ├── PolicyError          a policy file is unreadable or invalid (carries every issue found)
+    ├── IdentityError        a mesh identity token was rejected (carries the reason)
+    │   └── UnknownSigningKey   the token names a key id the verifier does not know (yet)
+    └── PathError            a request path cannot be normalized safely (answered with 400)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "IdentityError",
+    "MeshError",
+    "PathError",
+    "PolicyError",
+    "PolicyIssue",
+    "UnknownSigningKey",
+]
+
+
+class MeshError(Exception):
+    """Base class of every error raised by mesh-middleware."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One problem found in a policy file: where it is and what was expected."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        field = f" {self.field}:" if self.field else ""
+        return f"{where}:{field} {self.message}"
+
+
+class PolicyError(MeshError):
+    """A policy file could not be loaded; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class IdentityError(MeshError):
+    """A mesh identity token was rejected; ``reason`` says why in words a client may see."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UnknownSigningKey(IdentityError):
+    """The token's ``kid`` is not in the key set; a refetch of the JWKS may find it."""
+
+    def __init__(self, kid: str) -> None:
+        self.kid = kid
+        super().__init__(f"unknown signing key {kid!r}")
+
+
+class PathError(MeshError):
+    """The request path is unsafe or malformed; the request is answered with 400."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

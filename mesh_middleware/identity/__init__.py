@@ -1,0 +1,1 @@
+"""Service identity: SPIFFE IDs, JWT-SVID issuing and verification, signing keys."""

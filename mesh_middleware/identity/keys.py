@@ -1,0 +1,154 @@
+"""Verification keys: a JWKS from a file or URL, refreshed off the request path.
+
+Only Ed25519 public keys are kept. A failed refresh keeps the last good keys (static
+stability). An unknown ``kid`` may trigger a refetch, at most once per
+``min_refetch_seconds``; concurrent callers share one fetch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+from joserfc.jwk import OKPKey
+
+from mesh_middleware import defaults
+
+__all__ = ["KeyStore", "parse_jwks"]
+
+log = structlog.get_logger("mesh.identity")
+
+
+def parse_jwks(document: Any) -> dict[str, OKPKey]:
+    """Return the Ed25519 public keys of a JWKS document by ``kid``; raise ``ValueError``."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("a JWKS is an object with a 'keys' list")
+    keys: dict[str, OKPKey] = {}
+    for entry in document["keys"]:
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid or "d" in entry:
+            continue  # private keys never belong in a JWKS; a key without kid cannot be picked
+        public = {k: entry[k] for k in ("kty", "crv", "x", "kid") if k in entry}
+        keys[kid] = OKPKey.import_key(public)
+    return keys
+
+
+class KeyStore:
+    """The verification keys of a trust domain, by key id."""
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        *,
+        keys: dict[str, OKPKey] | None = None,
+        min_refetch_seconds: float = defaults.JWKS_MIN_REFETCH_SECONDS,
+        fetch_timeout: float = defaults.JWKS_FETCH_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = str(source) if source is not None else None
+        self._keys: dict[str, OKPKey] = dict(keys or {})
+        self._min_refetch = min_refetch_seconds
+        self._timeout = fetch_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_attempt = float("-inf")
+        self._file_stamp: tuple[int, int] | None = None
+        self.generation = 0
+        self.last_error: str | None = None
+        self.listeners: list[Callable[[], None]] = []
+
+    @property
+    def is_url(self) -> bool:
+        return self.source is not None and self.source.startswith(("http://", "https://"))
+
+    def get(self, kid: str) -> OKPKey | None:
+        """The key with this id, or ``None``."""
+        return self._keys.get(kid)
+
+    def kids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def replace(self, keys: dict[str, OKPKey]) -> None:
+        """Install a new key set (and tell listeners, e.g. to drop cached verifications)."""
+        changed = set(keys) != set(self._keys)
+        self._keys = dict(keys)
+        if changed:
+            self.generation += 1
+            for listener in self.listeners:
+                listener()
+
+    def refresh(self) -> bool:
+        """Fetch the source now; return whether it succeeded. Keeps the old keys on failure."""
+        if self.source is None:
+            return False
+        with self._lock:
+            return self._fetch_locked()
+
+    def refresh_if_changed(self) -> None:
+        """Background check: reload a JWKS file when it changed on disk."""
+        if self.source is None or self.is_url:
+            return
+        try:
+            stat = Path(self.source).stat()
+        except OSError:
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._file_stamp:
+            with self._lock:
+                self._fetch_locked()
+
+    def refresh_for_unknown_kid(self, kid: str) -> bool:
+        """Refetch because a token named ``kid``; rate-limited. Return whether ``kid`` is known now."""
+        if kid in self._keys:
+            return True
+        if self.source is None:
+            return False
+        with self._lock:
+            if kid in self._keys:
+                return True  # another caller's fetch found it while we waited
+            if self._clock() - self._last_attempt < self._min_refetch:
+                return False
+            self._fetch_locked()
+            return kid in self._keys
+
+    def _fetch_locked(self) -> bool:
+        self._last_attempt = self._clock()
+        assert self.source is not None
+        try:
+            document = self._read_url() if self.is_url else self._read_file()
+            keys = parse_jwks(document)
+        except (OSError, ValueError, httpx.HTTPError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("jwks_fetch_failed", source=self.source, error=self.last_error)
+            return False
+        self.last_error = None
+        self.replace(keys)
+        return True
+
+    def _read_file(self) -> Any:
+        path = Path(self.source or "")
+        stat = path.stat()
+        with open(path, "rb") as handle:
+            raw = handle.read(defaults.MAX_JWKS_BYTES + 1)
+        if len(raw) > defaults.MAX_JWKS_BYTES:
+            raise ValueError("JWKS file is too large")
+        self._file_stamp = (stat.st_mtime_ns, stat.st_size)
+        return json.loads(raw)
+
+    def _read_url(self) -> Any:
+        with httpx.Client(timeout=self._timeout) as client:
+            response = client.get(self.source or "", headers={"accept": "application/json"})
+            response.raise_for_status()
+            if len(response.content) > defaults.MAX_JWKS_BYTES:
+                raise ValueError("JWKS document is too large")
+            return response.json()

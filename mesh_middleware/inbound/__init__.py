@@ -1,0 +1,1 @@
+"""The inbound engine behind both middlewares: path, identity, authorization, faults."""

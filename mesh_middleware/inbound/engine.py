@@ -1,0 +1,159 @@
+"""One decision procedure for every inbound request, whichever server protocol carried it.
+
+Order: normalize the path (400) → public paths skip identity and authorization → verify the
+caller's identity (401) → authorize (403, or audit) → faults (delay, abort). The adapters turn
+an :class:`Admission` into ASGI or WSGI calls; the engine itself does no I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from mesh_middleware.errors import IdentityError, PathError, UnknownSigningKey
+from mesh_middleware.identity.verifier import CallerIdentity, TokenVerifier
+from mesh_middleware.inbound.responses import error_body
+from mesh_middleware.policy.authorization import AuthorizationDecision
+from mesh_middleware.policy.compiled import CompiledPolicy
+from mesh_middleware.policy.paths import normalize_path
+from mesh_middleware.telemetry import metrics
+
+__all__ = ["Admission", "InboundEngine"]
+
+log = structlog.get_logger("mesh.inbound")
+
+_MISSING_IDENTITY = error_body("unauthenticated", "a mesh identity is required")
+_DUPLICATE_IDENTITY = error_body("unauthenticated", "more than one identity header")
+
+
+@dataclass(slots=True)
+class Admission:
+    """What to do with one request.
+
+    ``status`` is ``None`` when the app gets the request; otherwise the middleware answers
+    ``status`` with ``body``. ``delay`` is waited first either way. ``path`` is set when
+    normalization changed the path the app should see. ``unknown_kid`` asks the adapter to
+    refetch keys and admit again.
+    """
+
+    status: int | None = None
+    body: bytes = b""
+    caller: CallerIdentity | None = None
+    decision: AuthorizationDecision | None = None
+    delay: float = 0.0
+    path: str | None = None
+    fault: str | None = None
+    unknown_kid: str | None = None
+
+
+class InboundEngine:
+    """Admits or refuses requests for one :class:`~mesh_middleware.Mesh`."""
+
+    def __init__(
+        self,
+        policy: Callable[[], tuple[CompiledPolicy, str]],
+        verifier: TokenVerifier,
+        chance: random.Random | None = None,
+    ) -> None:
+        self._policy = policy
+        self._verifier = verifier
+        self._chance = chance or random.Random()
+
+    def admit(
+        self,
+        method: str,
+        raw_path: str,
+        token: str | None,
+        headers: Mapping[str, str],
+        *,
+        duplicate_token: bool = False,
+    ) -> Admission:
+        """Decide one request. ``raw_path`` is the path as sent (percent-encoded)."""
+        policy, audience = self._policy()
+        try:
+            path = normalize_path(raw_path)
+        except PathError as exc:
+            return Admission(400, error_body("bad_request", exc.reason))
+        admission = Admission(path=path if path != raw_path else None)
+        if policy.public is not None and policy.public.matches(path):
+            return self._faults(policy, admission, None, method, path, headers)
+        caller: CallerIdentity | None = None
+        if duplicate_token:
+            admission.status, admission.body = 401, _DUPLICATE_IDENTITY
+            return admission
+        if token is not None:
+            try:
+                caller = self._verifier.verify(token, audience)
+            except UnknownSigningKey as exc:
+                admission.unknown_kid = exc.kid
+                admission.status = 401
+                admission.body = error_body("unauthenticated", exc.reason)
+                return admission
+            except IdentityError as exc:
+                admission.status = 401
+                admission.body = error_body("unauthenticated", exc.reason)
+                return admission
+        elif policy.strict:
+            admission.status, admission.body = 401, _MISSING_IDENTITY
+            return admission
+        admission.caller = caller
+        name = caller.service if caller is not None else None
+        decision = policy.authorizer.decide(name, method, path, headers)
+        admission.decision = decision
+        if not decision.allowed:
+            metrics.count_denial(policy.service, decision.rule, audit=False)
+            log.info(
+                "request_denied",
+                service=policy.service,
+                caller=name or "anonymous",
+                method=method,
+                path=path,
+                rule=decision.rule,
+                reason=decision.reason,
+            )
+            admission.status = decision.status
+            admission.body = error_body("forbidden", decision.reason, rule=decision.rule)
+            return admission
+        if decision.audit:
+            metrics.count_denial(policy.service, decision.rule, audit=True)
+            log.warning(
+                "request_would_be_denied",
+                service=policy.service,
+                caller=name or "anonymous",
+                method=method,
+                path=path,
+                rule=decision.rule,
+                reason=decision.reason,
+            )
+        return self._faults(policy, admission, name, method, path, headers)
+
+    def _faults(
+        self,
+        policy: CompiledPolicy,
+        admission: Admission,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+    ) -> Admission:
+        for fault in policy.faults:
+            outcome = fault.roll(caller, method, path, headers, self._chance)
+            if outcome is None:
+                continue
+            metrics.count_fault(
+                policy.service, outcome.fault, outcome.delay > 0, outcome.abort_status
+            )
+            admission.fault = outcome.fault
+            admission.delay = outcome.delay
+            if outcome.abort_status is not None:
+                admission.status = outcome.abort_status
+                admission.body = error_body(
+                    "fault_injected",
+                    f"fault {outcome.fault!r} aborted the request",
+                    fault=outcome.fault,
+                )
+            break
+        return admission

@@ -1,0 +1,238 @@
+"""The authorization engine: Istio's evaluation order over rules compiled into indexed matchers.
+
+1. any matching ``deny`` rule denies; 2. if ``allow`` rules exist, one must match;
+3. with no ``allow`` rules the request is allowed. ``audit`` mode decides the same way and
+never denies. Rules are indexed by path (exact, prefix, suffix), caller and method, so a
+decision looks at the few rules that can match, not at every rule in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mesh_middleware.policy.conditions import Conditions
+from mesh_middleware.policy.loader import LoadedPolicy
+from mesh_middleware.policy.patterns import StringMatcher
+from mesh_middleware.policy.schema import Rule
+
+__all__ = ["AuthorizationDecision", "Authorizer", "CompiledRule"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationDecision:
+    """The outcome of authorizing one request, with the reason that decided it.
+
+    ``allowed`` says whether the request goes on; ``status`` is what the client gets when it
+    does not (200 when it does). ``rule`` and ``line`` name the rule that decided, or are
+    ``None`` for a default. ``audit`` is true when audit mode let through a request it would
+    have denied.
+    """
+
+    allowed: bool
+    status: int
+    rule: str | None
+    line: int | None
+    reason: str
+    audit: bool = False
+
+    @property
+    def decision(self) -> str:
+        """``"allow"`` or ``"deny"``: what happened to the request."""
+        return "allow" if self.allowed else "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule ready to evaluate, with its position in the file and its precomputed decision."""
+
+    position: int
+    name: str
+    action: str
+    line: int | None
+    conditions: Conditions
+    decision: AuthorizationDecision
+
+
+def _has_wildcards(matcher: StringMatcher) -> bool:
+    return matcher.any or bool(matcher.prefixes) or bool(matcher.suffixes)
+
+
+class _RuleIndex:
+    """Finds the rules that can match a request without looking at the others."""
+
+    __slots__ = (
+        "by_caller",
+        "by_method",
+        "exact",
+        "prefix",
+        "prefix_lengths",
+        "rest",
+        "rules",
+        "suffix",
+        "suffix_lengths",
+    )
+
+    def __init__(self, rules: list[CompiledRule]) -> None:
+        self.rules = rules
+        self.exact: dict[str, list[int]] = {}
+        self.prefix: dict[str, list[int]] = {}
+        self.suffix: dict[str, list[int]] = {}
+        self.by_caller: dict[str | None, list[int]] = {}
+        self.by_method: dict[str, list[int]] = {}
+        self.rest: list[int] = []
+        for index, rule in enumerate(rules):
+            self._place(index, rule.conditions)
+        self.prefix_lengths = tuple(sorted({len(p) for p in self.prefix}))
+        self.suffix_lengths = tuple(sorted({len(s) for s in self.suffix}))
+
+    def _place(self, index: int, cond: Conditions) -> None:
+        paths = cond.paths
+        if paths is not None and not paths.any:
+            for exact in paths.exact:
+                self.exact.setdefault(exact, []).append(index)
+            for prefix in paths.prefixes:
+                self.prefix.setdefault(prefix, []).append(index)
+            for suffix in paths.suffixes:
+                self.suffix.setdefault(suffix, []).append(index)
+            return
+        callers = cond.from_
+        if callers is not None and not _has_wildcards(callers.services):
+            for service in callers.services.exact:
+                self.by_caller.setdefault(service, []).append(index)
+            if callers.anonymous:
+                self.by_caller.setdefault(None, []).append(index)
+            return
+        methods = cond.methods
+        if (
+            methods is not None
+            and not methods.any
+            and not methods.prefixes
+            and not methods.suffixes
+        ):
+            for method in methods.exact:
+                self.by_method.setdefault(method, []).append(index)
+            return
+        self.rest.append(index)
+
+    def candidates(self, caller: str | None, method: str, path: str) -> list[int]:
+        found: list[int] = []
+        hit = self.exact.get(path)
+        if hit:
+            found += hit
+        size = len(path)
+        if self.prefix_lengths:
+            prefix = self.prefix
+            for length in self.prefix_lengths:
+                if length > size:
+                    break
+                hit = prefix.get(path[:length])
+                if hit:
+                    found += hit
+        if self.suffix_lengths:
+            suffix = self.suffix
+            for length in self.suffix_lengths:
+                if length > size:
+                    break
+                hit = suffix.get(path[-length:])
+                if hit:
+                    found += hit
+        if self.by_caller:
+            hit = self.by_caller.get(caller)
+            if hit:
+                found += hit
+        if self.by_method:
+            hit = self.by_method.get(method)
+            if hit:
+                found += hit
+        if not found:
+            return self.rest
+        if self.rest:
+            found += self.rest
+        if len(found) > 1:
+            return sorted(set(found))
+        return found
+
+    def first_match(
+        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+    ) -> CompiledRule | None:
+        rules = self.rules
+        for index in self.candidates(caller, method, path):
+            rule = rules[index]
+            if rule.conditions.holds(caller, method, path, headers):
+                return rule
+        return None
+
+
+class Authorizer:
+    """Authorizes requests against one policy file's rules."""
+
+    __slots__ = ("allow", "audit", "default_allow", "default_deny", "deny", "rules", "uses_headers")
+
+    def __init__(self, loaded: LoadedPolicy) -> None:
+        authz = loaded.policy.inbound.authorization
+        self.audit = authz.mode == "audit"
+        self.rules = [self._compile(i, rule, loaded) for i, rule in enumerate(authz.rules)]
+        self.deny = _RuleIndex([r for r in self.rules if r.action == "deny"])
+        allow_rules = [r for r in self.rules if r.action == "allow"]
+        self.allow = _RuleIndex(allow_rules) if allow_rules else None
+        self.uses_headers = any(r.conditions.uses_headers for r in self.rules)
+        self.default_allow = AuthorizationDecision(
+            True, 200, None, None, "allowed by default: the policy has no allow rules"
+        )
+        if self.audit:
+            self.default_deny = AuthorizationDecision(
+                True, 200, None, None, "audit mode: would deny, no allow rule matched", audit=True
+            )
+        else:
+            self.default_deny = AuthorizationDecision(
+                False, 403, None, None, "denied by default: no allow rule matched"
+            )
+
+    def _compile(self, position: int, rule: Rule, loaded: LoadedPolicy) -> CompiledRule:
+        line = loaded.line_of("inbound", "authorization", "rules", position)
+        where = f"{loaded.source}:{line}" if line is not None else loaded.source
+        if rule.action == "allow":
+            decision = AuthorizationDecision(
+                True, 200, rule.name, line, f"allowed by rule {rule.name!r} ({where})"
+            )
+        elif self.audit:
+            decision = AuthorizationDecision(
+                True,
+                200,
+                rule.name,
+                line,
+                f"audit mode: would deny by rule {rule.name!r} ({where})",
+                audit=True,
+            )
+        else:
+            decision = AuthorizationDecision(
+                False, 403, rule.name, line, f"denied by rule {rule.name!r} ({where})"
+            )
+        conditions = Conditions(
+            from_=rule.from_,
+            not_from=rule.not_from,
+            methods=rule.methods,
+            not_methods=rule.not_methods,
+            paths=rule.paths,
+            not_paths=rule.not_paths,
+            headers=rule.headers,
+        )
+        return CompiledRule(position, rule.name, rule.action, line, conditions, decision)
+
+    def decide(
+        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+    ) -> AuthorizationDecision:
+        """Decide one request; ``caller`` is a service name, or ``None`` when anonymous.
+
+        ``path`` must already be normalized (:func:`~mesh_middleware.policy.paths.normalize_path`).
+        """
+        denied = self.deny.first_match(caller, method, path, headers)
+        if denied is not None:
+            return denied.decision
+        if self.allow is None:
+            return self.default_allow
+        allowed = self.allow.first_match(caller, method, path, headers)
+        if allowed is not None:
+            return allowed.decision
+        return self.default_deny

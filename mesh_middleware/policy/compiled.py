@@ -1,0 +1,60 @@
+"""A policy file compiled once into the matchers the request path uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh_middleware.policy.authorization import Authorizer
+from mesh_middleware.policy.faults import CompiledFault, compile_faults
+from mesh_middleware.policy.loader import LoadedPolicy, load_policy, parse_policy
+from mesh_middleware.policy.patterns import StringMatcher
+
+__all__ = ["CompiledPolicy", "compile_policy", "compile_policy_file", "compile_policy_text"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """Everything the inbound engine needs from one policy file, ready to evaluate."""
+
+    loaded: LoadedPolicy
+    service: str
+    strict: bool
+    public: StringMatcher | None
+    authorizer: Authorizer
+    faults: tuple[CompiledFault, ...]
+    uses_headers: bool
+
+    @property
+    def source(self) -> str:
+        return self.loaded.source
+
+    def is_public(self, path: str) -> bool:
+        """Whether ``path`` (normalized) skips identity and authorization."""
+        return self.public is not None and self.public.matches(path)
+
+
+def compile_policy(loaded: LoadedPolicy) -> CompiledPolicy:
+    """Compile a validated policy into matchers."""
+    inbound = loaded.policy.inbound
+    authorizer = Authorizer(loaded)
+    faults = compile_faults(loaded)
+    return CompiledPolicy(
+        loaded=loaded,
+        service=loaded.policy.service,
+        strict=inbound.authentication == "strict",
+        public=StringMatcher(inbound.public) if inbound.public else None,
+        authorizer=authorizer,
+        faults=faults,
+        uses_headers=authorizer.uses_headers or any(f.conditions.uses_headers for f in faults),
+    )
+
+
+def compile_policy_file(path: str | Path) -> CompiledPolicy:
+    """Load, validate and compile a policy file (raises :class:`~mesh_middleware.PolicyError`)."""
+    return compile_policy(load_policy(path))
+
+
+def compile_policy_text(text: str, source: str = "<policy>") -> CompiledPolicy:
+    """Validate and compile policy YAML given as text."""
+    return compile_policy(parse_policy(text, source))

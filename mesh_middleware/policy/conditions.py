@@ -1,0 +1,109 @@
+"""Compiled request conditions shared by authorization rules, faults and routes.
+
+Within a condition set all given fields must hold (AND); the values of one field are
+alternatives (OR); ``not_*`` fields exclude. Callers are service names, ``None`` for an
+anonymous caller; ``anonymous`` in a ``from`` list names that caller, ``*`` any authenticated one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mesh_middleware.policy.patterns import StringMatcher
+from mesh_middleware.policy.schema import HeaderCondition
+
+__all__ = ["ANONYMOUS", "CallerMatcher", "Conditions", "HeaderMatcher"]
+
+ANONYMOUS = "anonymous"
+
+
+class CallerMatcher:
+    """Matches a caller (a service name, or ``None`` for anonymous) against ``from`` patterns."""
+
+    __slots__ = ("anonymous", "services")
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.anonymous = ANONYMOUS in patterns
+        self.services = StringMatcher([p for p in patterns if p != ANONYMOUS])
+
+    def matches(self, caller: str | None) -> bool:
+        if caller is None:
+            return self.anonymous
+        return self.services.matches(caller)
+
+
+class HeaderMatcher:
+    """One compiled header condition; a missing header fails ``values`` and holds ``not_values``."""
+
+    __slots__ = ("matcher", "name", "negate", "present")
+
+    def __init__(self, name: str, condition: HeaderCondition) -> None:
+        self.name = name
+        self.present = condition.present
+        self.negate = condition.not_values is not None
+        patterns = condition.values if condition.values is not None else condition.not_values
+        self.matcher = StringMatcher(patterns or [])
+
+    def holds(self, headers: Mapping[str, str]) -> bool:
+        value = headers.get(self.name)
+        if self.present is not None:
+            return (value is not None) is self.present
+        if value is None:
+            return self.negate
+        return self.matcher.matches(value) is not self.negate
+
+
+class Conditions:
+    """A compiled set of conditions on caller, method, path and headers."""
+
+    __slots__ = (
+        "from_",
+        "headers",
+        "methods",
+        "not_from",
+        "not_methods",
+        "not_paths",
+        "paths",
+    )
+
+    def __init__(
+        self,
+        *,
+        from_: list[str] | None = None,
+        not_from: list[str] | None = None,
+        methods: list[str] | None = None,
+        not_methods: list[str] | None = None,
+        paths: list[str] | None = None,
+        not_paths: list[str] | None = None,
+        headers: Mapping[str, HeaderCondition] | None = None,
+    ) -> None:
+        self.from_ = CallerMatcher(from_) if from_ else None
+        self.not_from = CallerMatcher(not_from) if not_from else None
+        self.methods = StringMatcher(methods) if methods else None
+        self.not_methods = StringMatcher(not_methods) if not_methods else None
+        self.paths = StringMatcher(paths) if paths else None
+        self.not_paths = StringMatcher(not_paths) if not_paths else None
+        self.headers = tuple(HeaderMatcher(n, c) for n, c in (headers or {}).items())
+
+    @property
+    def uses_headers(self) -> bool:
+        return bool(self.headers)
+
+    def holds(self, caller: str | None, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        """Whether every given condition holds for this request."""
+        if self.paths is not None and not self.paths.matches(path):
+            return False
+        if self.methods is not None and not self.methods.matches(method):
+            return False
+        if self.from_ is not None and not self.from_.matches(caller):
+            return False
+        if self.not_paths is not None and self.not_paths.matches(path):
+            return False
+        if self.not_methods is not None and self.not_methods.matches(method):
+            return False
+        if self.not_from is not None and self.not_from.matches(caller):
+            return False
+        for header in self.headers:
+            if not header.holds(headers):
+                return False
+        return True

@@ -1,0 +1,90 @@
+"""Request path normalization, the same for authorization and routing.
+
+Strip the query; percent-decode unreserved characters; resolve ``.`` and ``..``; merge repeated
+slashes; reject an encoded slash (``%2F``), a backslash (raw or ``%5C``), NUL (raw or ``%00``) and
+malformed escapes. Other escapes are kept, with upper-case hex, so the result is idempotent:
+``normalize_path(normalize_path(p)) == normalize_path(p)``.
+"""
+
+from __future__ import annotations
+
+from mesh_middleware.errors import PathError
+
+__all__ = ["normalize_path"]
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_REJECTED_ESCAPES = {
+    "2F": "an encoded slash (%2F)",
+    "5C": "an encoded backslash (%5C)",
+    "00": "NUL",
+}
+MAX_PATH_LENGTH = 8192
+
+
+def normalize_path(raw: str) -> str:
+    """Return the normalized form of a request target's path; raise :class:`PathError` if unsafe."""
+    cut = len(raw)
+    for stop in ("?", "#"):
+        at = raw.find(stop)
+        if 0 <= at < cut:
+            cut = at
+    path = raw[:cut]
+    if len(path) > MAX_PATH_LENGTH:
+        raise PathError(f"path is longer than {MAX_PATH_LENGTH} characters")
+    if not path.startswith("/"):
+        raise PathError("path must start with '/'")
+    # Fast path: most paths have nothing to decode, resolve or merge.
+    if "%" not in path and "//" not in path and "/." not in path:
+        if "\\" in path or "\x00" in path:
+            raise PathError("backslash or NUL in path")
+        return path
+    return _resolve_segments(_decode_unreserved(path))
+
+
+def _decode_unreserved(path: str) -> str:
+    if "\\" in path or "\x00" in path:
+        raise PathError("backslash or NUL in path")
+    if "%" not in path:
+        return path
+    out: list[str] = []
+    i, n = 0, len(path)
+    while i < n:
+        char = path[i]
+        if char != "%":
+            out.append(char)
+            i += 1
+            continue
+        hex_digits = path[i + 1 : i + 3]
+        if len(hex_digits) != 2 or not (hex_digits[0] in _HEX and hex_digits[1] in _HEX):
+            raise PathError("malformed percent-escape in path")
+        upper = hex_digits.upper()
+        rejected = _REJECTED_ESCAPES.get(upper)
+        if rejected is not None:
+            raise PathError(f"{rejected} in path")
+        decoded = chr(int(upper, 16))
+        out.append(decoded if decoded in _UNRESERVED else "%" + upper)
+        i += 3
+    return "".join(out)
+
+
+def _resolve_segments(path: str) -> str:
+    # RFC 3986 remove_dot_segments over '/'-separated segments, with empty segments merged.
+    segments = path.split("/")
+    output: list[str] = []
+    last = len(segments) - 1
+    trailing_slash = False
+    for index, segment in enumerate(segments[1:], start=1):
+        if segment == "" or segment == ".":
+            trailing_slash = index == last
+            continue
+        if segment == "..":
+            if output:
+                output.pop()
+            trailing_slash = index == last
+            continue
+        output.append(segment)
+        trailing_slash = False
+    if not output:
+        return "/"
+    return "/" + "/".join(output) + ("/" if trailing_slash else "")

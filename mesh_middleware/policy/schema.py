@@ -1,0 +1,373 @@
+"""The policy file schema: the single source of truth for its shape.
+
+The JSON Schema printed by ``mesh policy schema`` is generated from these models; the loader
+validates YAML against them, and the compiler reads only validated models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+
+from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
+from mesh_middleware.policy.patterns import pattern_problem
+
+__all__ = [
+    "Abort",
+    "AuthorizationPolicy",
+    "Delay",
+    "Fault",
+    "FaultMatch",
+    "HeaderCondition",
+    "InboundPolicy",
+    "OutboundPolicy",
+    "Policy",
+    "Rule",
+    "policy_json_schema",
+]
+
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_MAX_DURATION_SECONDS = 24 * 3600.0
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration string like '250ms' or '2s', got {value!r}")
+    seconds = parse_duration(value)
+    if not 0 < seconds <= _MAX_DURATION_SECONDS:
+        raise ValueError(f"duration must be more than 0 and at most 24h, got {value!r}")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["250ms", "2s"]}),
+]
+"""A duration string (``250ms``, ``2s``, ``1m``, ``1h``), held in seconds once validated."""
+
+Percent = Annotated[float, Field(ge=0, le=100, description="0-100; missing means 0")]
+
+
+def _service_name(value: str) -> str:
+    if not _SERVICE_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a service name (lowercase letters, digits and '-', at most 63)"
+        )
+    return value
+
+
+ServiceName = Annotated[str, AfterValidator(_service_name)]
+
+
+def _pattern(value: str) -> str:
+    problem = pattern_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+Pattern = Annotated[str, AfterValidator(_pattern)]
+
+
+def _path_pattern(value: str) -> str:
+    _pattern(value)
+    if not (value.startswith("/") or value.startswith("*")):
+        raise ValueError(f"{value!r}: a path pattern starts with '/' or '*'")
+    return value
+
+
+PathPattern = Annotated[str, AfterValidator(_path_pattern)]
+
+
+def _method_pattern(value: str) -> str:
+    _pattern(value)
+    if value != "*" and not _METHOD.match(value.strip("*")):
+        raise ValueError(f"{value!r} is not an HTTP method")
+    return value.upper()
+
+
+MethodPattern = Annotated[str, AfterValidator(_method_pattern)]
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid header name")
+    return value.lower()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class HeaderCondition(_Strict):
+    """One header condition: exactly one of ``values``, ``not_values`` or ``present``."""
+
+    values: list[Pattern] | None = None
+    not_values: list[Pattern] | None = None
+    present: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeaderCondition:
+        given = [n for n in ("values", "not_values", "present") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'values', 'not_values' or 'present'")
+        return self
+
+
+Headers = dict[Annotated[str, AfterValidator(_header_name)], HeaderCondition]
+
+
+class Rule(_Strict):
+    """An authorization rule; all given fields must hold, values in a list are alternatives."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    action: Literal["allow", "deny"]
+    from_: list[Pattern] = Field(default_factory=list, alias="from")
+    not_from: list[Pattern] = Field(default_factory=list)
+    methods: list[MethodPattern] = Field(default_factory=list)
+    not_methods: list[MethodPattern] = Field(default_factory=list)
+    paths: list[PathPattern] = Field(default_factory=list)
+    not_paths: list[PathPattern] = Field(default_factory=list)
+    headers: Headers = Field(default_factory=dict)
+
+
+class AuthorizationPolicy(_Strict):
+    """``enforce`` denies; ``audit`` evaluates the same way, logs and counts, never denies."""
+
+    mode: Literal["enforce", "audit"] = "enforce"
+    rules: list[Rule] = Field(default_factory=list)
+
+
+class FaultMatch(_Strict):
+    """Which requests a fault applies to; an empty match applies to every request."""
+
+    paths: list[PathPattern] = Field(default_factory=list)
+    methods: list[MethodPattern] = Field(default_factory=list)
+    from_: list[Pattern] = Field(default_factory=list, alias="from")
+    headers: Headers = Field(default_factory=dict)
+
+
+class Delay(_Strict):
+    """Hold the request for ``duration`` in ``percent`` of matching requests."""
+
+    duration: Duration
+    percent: Percent = 0
+
+
+class Abort(_Strict):
+    """Answer ``status`` instead of calling the app in ``percent`` of matching requests."""
+
+    status: Annotated[int, Field(ge=200, le=599)]
+    percent: Percent = 0
+
+
+class Fault(_Strict):
+    """A named fault: a delay, an abort, or both, for the requests its match selects."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    match: FaultMatch = Field(default_factory=FaultMatch)
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+    @model_validator(mode="after")
+    def _something_to_inject(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise ValueError("a fault needs a 'delay', an 'abort', or both")
+        return self
+
+
+class InboundPolicy(_Strict):
+    """What the inbound middleware enforces."""
+
+    authentication: Literal["strict", "permissive"] = "strict"
+    public: list[PathPattern] = Field(default_factory=list)
+    authorization: AuthorizationPolicy = Field(default_factory=AuthorizationPolicy)
+    faults: list[Fault] = Field(default_factory=list)
+
+
+# --- outbound: validated now so that files stay checkable; enforced by the outbound adapter ---
+
+RetryCondition = Annotated[
+    str,
+    AfterValidator(
+        lambda v: (
+            v
+            if v in {"connect-failure", "reset", "refused-stream", "gateway-error", "retriable-4xx"}
+            or (v.isdigit() and 400 <= int(v) <= 599)
+            else _raise(
+                f"{v!r}: expected connect-failure, reset, refused-stream, gateway-error, "
+                "retriable-4xx or a status code 400-599"
+            )
+        )
+    ),
+]
+
+
+def _raise(message: str) -> Any:
+    raise ValueError(message)
+
+
+def _retry_condition(value: Any) -> Any:
+    # YAML reads an unquoted 503 as an int; the retry list takes both spellings.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class RetryBudget(_Strict):
+    """Retries allowed on top of requests: ``ratio`` of them plus ``min_per_second``."""
+
+    ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+    min_per_second: Annotated[float, Field(ge=0)] = 10
+
+
+class Retries(_Strict):
+    """How failed calls are retried."""
+
+    attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    per_try_timeout: Duration | None = None
+    on: list[Annotated[RetryCondition, BeforeValidator(_retry_condition)]] = Field(
+        default_factory=lambda: ["connect-failure", "reset", "refused-stream"]
+    )
+    budget: RetryBudget = Field(default_factory=RetryBudget)
+    idempotent_only: bool = True
+
+
+class ConsistentHash(_Strict):
+    """Hash on one request header or cookie."""
+
+    header: str | None = None
+    cookie: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ConsistentHash:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("give exactly one of 'header' or 'cookie'")
+        return self
+
+
+class ConsistentHashBalancer(_Strict):
+    consistent_hash: ConsistentHash
+
+
+LoadBalancer = Literal["ewma", "least_request", "round_robin", "random"] | ConsistentHashBalancer
+
+
+class OutlierDetection(_Strict):
+    """Eject an instance after consecutive failures, for longer at each repeat."""
+
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    base_ejection: Duration = 30.0
+    max_ejection_percent: Percent = 50
+
+
+class Endpoint(_Strict):
+    """A static instance of a destination, for services outside the registry."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+/?$")]
+    version: str | None = None
+    zone: str | None = None
+
+
+class Destination(_Strict):
+    """A subset of a destination's instances, chosen by version."""
+
+    version: str | None = None
+    weight: Annotated[int, Field(ge=0, le=100)] = 100
+
+
+class RouteMatch(_Strict):
+    paths: list[PathPattern] = Field(default_factory=list)
+    methods: list[MethodPattern] = Field(default_factory=list)
+    headers: Headers = Field(default_factory=dict)
+
+
+class Route(_Strict):
+    """First matching route wins; ``to`` splits traffic by weight across subsets."""
+
+    name: str | None = None
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    to: Annotated[list[Destination], Field(min_length=1)]
+    retry_non_idempotent: bool = False
+
+
+class MirrorTarget(_Strict):
+    version: str | None = None
+
+
+class Mirror(_Strict):
+    to: MirrorTarget
+    percent: Percent = 0
+
+
+class DestinationPolicy(_Strict):
+    """Settings for calls to one destination service (defaults fill what is missing)."""
+
+    timeout: Duration | None = None
+    retries: Retries | None = None
+    load_balancer: LoadBalancer | None = None
+    outlier_detection: OutlierDetection | None = None
+    max_concurrent: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    mirror: Mirror | None = None
+
+
+class OutboundDefaults(_Strict):
+    """Settings for every destination unless a service overrides them."""
+
+    timeout: Duration = 5.0
+    retries: Retries = Field(default_factory=Retries)
+    load_balancer: LoadBalancer = "ewma"
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    max_concurrent: Annotated[int, Field(ge=1, le=100_000)] = 100
+    trace_context_to_external_hosts: bool = True
+
+
+class OutboundPolicy(_Strict):
+    """What the outbound client adapter applies."""
+
+    defaults: OutboundDefaults = Field(default_factory=OutboundDefaults)
+    services: dict[ServiceName, DestinationPolicy] = Field(default_factory=dict)
+
+
+class Policy(_Strict):
+    """One app's policy file."""
+
+    service: ServiceName
+    version: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    zone: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    inbound: InboundPolicy = Field(default_factory=InboundPolicy)
+    outbound: OutboundPolicy = Field(default_factory=OutboundPolicy)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Policy:
+        seen: set[str] = set()
+        for kind, names in (
+            ("rule", [r.name for r in self.inbound.authorization.rules]),
+            ("fault", [f.name for f in self.inbound.faults]),
+        ):
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"{kind} name {name!r} is used twice; names must be unique")
+                seen.add(name)
+        return self
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a policy file, for editors (``mesh policy schema``)."""
+    schema = Policy.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mesh-middleware policy file"
+    return schema

@@ -1,0 +1,1 @@
+"""The per-process Mesh runtime and the background work it owns."""
