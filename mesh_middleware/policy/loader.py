@@ -20,6 +20,7 @@ __all__ = ["LoadedPolicy", "field_path", "load_policy", "parse_policy"]
 
 MAX_POLICY_BYTES = 1024 * 1024
 _MAX_NODES = 200_000
+_MAX_DEPTH = 64
 
 Loc = tuple[str | int, ...]
 
@@ -65,11 +66,22 @@ class _Converter:
         self.lines: dict[Loc, int] = {}
         self.issues: list[PolicyIssue] = []
         self.nodes = 0
+        self.open: set[int] = set()
 
     def convert(self, node: yaml.Node, loc: Loc) -> Any:
         self.nodes += 1
-        if self.nodes > _MAX_NODES:
+        if self.nodes > _MAX_NODES or len(loc) > _MAX_DEPTH or id(node) in self.open:
             raise _TooLarge
+        if isinstance(node, yaml.ScalarNode):
+            self.lines.setdefault(loc, node.start_mark.line + 1)
+            return self.loader.construct_object(node, deep=True)
+        self.open.add(id(node))
+        try:
+            return self._convert_collection(node, loc)
+        finally:
+            self.open.discard(id(node))
+
+    def _convert_collection(self, node: yaml.Node, loc: Loc) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
@@ -94,7 +106,7 @@ class _Converter:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(item, (*loc, i)) for i, item in enumerate(node.value)]
-        return self.loader.construct_object(node, deep=True)
+        raise _TooLarge
 
 
 class _TooLarge(Exception):
@@ -128,7 +140,7 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         data = converter.convert(root, ())
     except _TooLarge:
         raise PolicyError(
-            [PolicyIssue(source, None, "", "too many YAML nodes (aliases expanding?)")]
+            [PolicyIssue(source, None, "", "too deep, too large or recursive (YAML aliases?)")]
         ) from None
     except yaml.YAMLError as exc:
         raise PolicyError([PolicyIssue(source, None, "", f"invalid YAML: {exc}")]) from None
