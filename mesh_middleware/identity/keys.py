@@ -61,7 +61,7 @@ class KeyStore:
         self._timeout = fetch_timeout
         self._clock = clock
         self._lock = threading.Lock()
-        self._last_attempt = float("-inf")
+        self._last_unknown_kid_fetch = float("-inf")
         self._file_stamp: tuple[int, int] | None = None
         self.generation = 0
         self.last_error: str | None = None
@@ -116,13 +116,14 @@ class KeyStore:
         with self._lock:
             if kid in self._keys:
                 return True  # another caller's fetch found it while we waited
-            if self._clock() - self._last_attempt < self._min_refetch:
+            now = self._clock()
+            if now - self._last_unknown_kid_fetch < self._min_refetch:
                 return False
+            self._last_unknown_kid_fetch = now
             self._fetch_locked()
             return kid in self._keys
 
     def _fetch_locked(self) -> bool:
-        self._last_attempt = self._clock()
         assert self.source is not None
         try:
             document = self._read_url() if self.is_url else self._read_file()
