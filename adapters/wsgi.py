@@ -60,10 +60,8 @@ def _raw_path(environ: WSGIEnviron) -> str:
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     script = environ.get("SCRIPT_NAME", "")
     if raw:
-        if not raw.startswith("/"):
-            raw = urlsplit(raw).path or "/"  # absolute-form request target
-        else:
-            raw = raw.split("?", 1)[0]
+        # An absolute-form target carries scheme and host; an origin-form one only the path.
+        raw = (urlsplit(raw).path or "/") if not raw.startswith("/") else raw.split("?", 1)[0]
         if script and raw.startswith(script):
             raw = raw[len(script) :] or "/"
         return str(raw)

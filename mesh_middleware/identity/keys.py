@@ -108,7 +108,7 @@ class KeyStore:
                 self._fetch_locked()
 
     def refresh_for_unknown_kid(self, kid: str) -> bool:
-        """Refetch because a token named ``kid``; rate-limited. Return whether ``kid`` is known now."""
+        """Refetch for a token naming ``kid`` (rate-limited); whether ``kid`` is known now."""
         if kid in self._keys:
             return True
         if self.source is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import time
 import warnings
@@ -94,10 +95,9 @@ class TokenVerifier:
         verified = self._verify_uncached(token, audience, now)
         cache = self._cache
         if len(cache) >= self.cache_size:
-            try:
+            # Another thread may evict at the same moment; losing that race is harmless.
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
                 del cache[next(iter(cache))]
-            except (KeyError, StopIteration, RuntimeError):
-                pass  # another thread evicted first
         cache[token] = verified
         return verified.identity
 

@@ -69,7 +69,7 @@ class Mesh:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Mesh:
-        """Build a Mesh from ``MESH_POLICY``, ``MESH_JWKS``, ``MESH_ISSUER``, ``MESH_TRUST_DOMAIN``."""
+        """A Mesh from ``MESH_POLICY``, ``MESH_JWKS``, ``MESH_ISSUER`` and ``MESH_TRUST_DOMAIN``."""
         policy = overrides.pop("policy", None) or os.environ.get("MESH_POLICY")
         if not policy:
             from mesh_middleware.errors import PolicyError, PolicyIssue

@@ -42,7 +42,7 @@ class PolicyFileWatch:
         self.last_error: str | None = None
 
     def check(self) -> bool | None:
-        """Reload if the file changed: ``True`` installed, ``False`` rejected, ``None`` unchanged."""
+        """Reload if the file changed: ``True`` installed, ``False`` rejected, ``None`` same."""
         stamp = _stamp(self.path)
         if stamp == self._stamp:
             return None

@@ -31,13 +31,19 @@ class _App:
             await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _scope(path: str, token: str | None = None, method: str = "GET", **headers: str) -> dict[str, Any]:
+def _scope(
+    path: str, token: str | None = None, method: str = "GET", **headers: str
+) -> dict[str, Any]:
     raw = [(k.encode(), v.encode()) for k, v in headers.items()]
     if token is not None:
         raw.append((b"x-mesh-identity", token.encode()))
     return {
-        "type": "http", "method": method, "path": path, "raw_path": path.encode(),
-        "query_string": b"", "headers": raw,
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": raw,
     }
 
 
@@ -115,7 +121,9 @@ def test_unknown_kid_refetches_the_jwks_once(
     assert status == 401 and "unknown signing key" in json.loads(body)["reason"]
 
 
-def test_without_a_jwks_every_token_is_refused(write_policy: PolicyWriter, issuer: TokenIssuer) -> None:
+def test_without_a_jwks_every_token_is_refused(
+    write_policy: PolicyWriter, issuer: TokenIssuer
+) -> None:
     """Fail closed: no keys configured means no identity can be verified."""
     with Mesh(write_policy(PERMISSIVE), watch=False) as mesh:
         middleware = MeshMiddleware(_App(), mesh=mesh)
@@ -146,7 +154,9 @@ def test_audit_mode_lets_through_and_counts(
 
 def test_policy_shorthand_builds_its_own_mesh(write_policy: PolicyWriter, jwks_file: Path) -> None:
     """MeshMiddleware(policy=...) is the shorthand of DESIGN §5b."""
-    middleware = MeshMiddleware(_App(), policy=str(write_policy(PERMISSIVE)), jwks=jwks_file, watch=False)
+    middleware = MeshMiddleware(
+        _App(), policy=str(write_policy(PERMISSIVE)), jwks=jwks_file, watch=False
+    )
     assert middleware.mesh.service == "inventory"
     with pytest.raises(TypeError):
         MeshMiddleware(_App())

@@ -1,4 +1,4 @@
-"""MeshMiddleware under a real uvicorn process: identity, authorization, faults, websockets, reload."""
+"""MeshMiddleware under real uvicorn: identity, authorization, faults, websockets, reload."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Toke
     port = free_port()
     env = {"MESH_POLICY": str(policy), "MESH_JWKS": str(work / "jwks.json")}
     with running(
-        uvicorn_argv("tests.support.asgi_app:app", port), port=port, env=env,
+        uvicorn_argv("tests.support.asgi_app:app", port),
+        port=port,
+        env=env,
         log_path=work / "server.log",
     ):
         yield port, issuer, policy
@@ -42,7 +44,9 @@ def _get(port: int, path: str, token: str | None = None, **headers: str) -> http
     return httpx.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=10)
 
 
-def test_public_path_needs_no_identity_and_lifespan_ran(server: tuple[int, TokenIssuer, Path]) -> None:
+def test_public_path_needs_no_identity_and_lifespan_ran(
+    server: tuple[int, TokenIssuer, Path],
+) -> None:
     """/healthz is public; the app's lifespan startup ran through the middleware."""
     port, _, _ = server
     response = _get(port, "/healthz")
@@ -75,7 +79,9 @@ def test_missing_identity_is_401_json(server: tuple[int, TokenIssuer, Path]) -> 
         (lambda i: "garbage", "identity token is not a compact JWS"),
     ],
 )
-def test_bad_identity_is_401_json(server: tuple[int, TokenIssuer, Path], make_token: object, reason: str) -> None:
+def test_bad_identity_is_401_json(
+    server: tuple[int, TokenIssuer, Path], make_token: object, reason: str
+) -> None:
     """Expired, misdirected, unknown-key and garbage tokens are refused with their reason."""
     port, issuer, _ = server
     response = _get(port, "/items/1", make_token(issuer))  # type: ignore[operator]
@@ -104,12 +110,20 @@ def test_default_deny_when_no_allow_rule_matches(server: tuple[int, TokenIssuer,
 
 @pytest.mark.parametrize(
     ("target", "status"),
-    [("/a%2Fb", 400), ("/a%5Cb", 400), ("/a%00", 400), ("/a%zz", 400), ("/items/%2e%2e/admin/x", 403)],
+    [
+        ("/a%2Fb", 400),
+        ("/a%5Cb", 400),
+        ("/a%00", 400),
+        ("/a%zz", 400),
+        ("/items/%2e%2e/admin/x", 403),
+    ],
 )
 def test_unsafe_paths(server: tuple[int, TokenIssuer, Path], target: str, status: int) -> None:
-    """Encoded slashes, backslashes, NUL and bad escapes are 400; dot-segments are resolved first."""
+    """Encoded slash, backslash, NUL and bad escapes are 400; dot-segments are resolved first."""
     port, issuer, _ = server
-    code, body = raw_request(port, target, headers={"x-mesh-identity": issuer.mint("orders", "inventory")})
+    code, body = raw_request(
+        port, target, headers={"x-mesh-identity": issuer.mint("orders", "inventory")}
+    )
     assert code == status
     assert body["error"] in {"bad_request", "forbidden"}
 
@@ -153,7 +167,9 @@ def test_websocket_handshake_is_authorized(server: tuple[int, TokenIssuer, Path]
     """An authorized websocket is accepted and sees its caller; an anonymous one is refused."""
     port, issuer, _ = server
     url = f"ws://127.0.0.1:{port}/ws"
-    with connect(url, additional_headers={"x-mesh-identity": issuer.mint("orders", "inventory")}) as ws:
+    with connect(
+        url, additional_headers={"x-mesh-identity": issuer.mint("orders", "inventory")}
+    ) as ws:
         assert json.loads(ws.recv(timeout=5)) == {"caller": "orders"}
     with pytest.raises(InvalidStatus) as refused:
         connect(url, open_timeout=5)

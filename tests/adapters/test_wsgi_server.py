@@ -1,4 +1,4 @@
-"""MeshWSGIMiddleware in a Flask app under real gunicorn workers: the same engine, the same answers."""
+"""MeshWSGIMiddleware in a Flask app under real gunicorn workers: same engine, same answers."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def server(
     if request.param == "preload":
         argv.append("--preload")
     with running(
-        argv, port=port, env=env,
+        argv,
+        port=port,
+        env=env,
         log_path=work / "server.log",
     ):
         yield port, issuer, policy
@@ -83,7 +85,9 @@ def test_two_identity_headers_are_refused(server: tuple[int, TokenIssuer, Path])
 def test_unsafe_paths(server: tuple[int, TokenIssuer, Path], target: str, status: int) -> None:
     """The raw request target is checked, not gunicorn's decoded PATH_INFO."""
     port, issuer, _ = server
-    code, body = raw_request(port, target, headers={"x-mesh-identity": issuer.mint("orders", "inventory")})
+    code, body = raw_request(
+        port, target, headers={"x-mesh-identity": issuer.mint("orders", "inventory")}
+    )
     assert code == status and body["error"] == "bad_request"
 
 

@@ -90,7 +90,9 @@ def test_url_source_and_rate_limited_refetch(jwks_server: _JwksServer, issuer: T
     assert jwks_server.hits == 3
 
 
-def test_a_failed_fetch_keeps_the_last_good_keys(jwks_server: _JwksServer, issuer: TokenIssuer) -> None:
+def test_a_failed_fetch_keeps_the_last_good_keys(
+    jwks_server: _JwksServer, issuer: TokenIssuer
+) -> None:
     """Registry or JWKS host down: verification keeps working on the cached keys."""
     store = KeyStore(jwks_server.url)
     jwks_server.document = issuer.jwks()

@@ -87,7 +87,10 @@ def test_tampered_payload(issuer: TokenIssuer) -> None:
     """Changing the claims after signing breaks the signature."""
     head, _, sig = issuer.mint("orders", "inventory").split(".")
     payload = _segment(_claims(sub="spiffe://mesh.local/svc/admin"))
-    assert _reason(_verifier(issuer), f"{head}.{payload}.{sig}") == "identity token signature is invalid"
+    assert (
+        _reason(_verifier(issuer), f"{head}.{payload}.{sig}")
+        == "identity token signature is invalid"
+    )
 
 
 def test_expired(issuer: TokenIssuer) -> None:
@@ -113,8 +116,14 @@ def test_not_yet_valid(issuer: TokenIssuer) -> None:
     later = int(time.time()) + 3600
     verifier = _verifier(issuer)
     header = {"alg": "Ed25519", "kid": issuer.kid}
-    assert _reason(verifier, _signed(issuer, header, _claims(nbf=later))) == "identity token is not valid yet"
-    assert _reason(verifier, _signed(issuer, header, _claims(iat=later))) == "identity token is not valid yet"
+    assert (
+        _reason(verifier, _signed(issuer, header, _claims(nbf=later)))
+        == "identity token is not valid yet"
+    )
+    assert (
+        _reason(verifier, _signed(issuer, header, _claims(iat=later)))
+        == "identity token is not valid yet"
+    )
 
 
 def test_wrong_audience(issuer: TokenIssuer) -> None:
@@ -134,7 +143,10 @@ def test_wrong_audience_is_refused_from_the_cache_too(issuer: TokenIssuer) -> No
 def test_wrong_issuer(issuer: TokenIssuer) -> None:
     """Only tokens from the trust domain's issuer count."""
     other = TokenIssuer(issuer.key, issuer="https://evil.example")
-    assert _reason(_verifier(issuer), other.mint("orders", "inventory")) == "identity token issuer is not trusted"
+    assert (
+        _reason(_verifier(issuer), other.mint("orders", "inventory"))
+        == "identity token issuer is not trusted"
+    )
 
 
 def test_other_trust_domain(issuer: TokenIssuer) -> None:
@@ -165,7 +177,10 @@ def test_alg_none(issuer: TokenIssuer) -> None:
     head = _segment({"alg": "none", "kid": issuer.kid})
     body = _segment(_claims())
     assert _reason(verifier, f"{head}.{body}.") == "identity token is not a compact JWS"
-    assert _reason(verifier, f"{head}.{body}.c2ln") == "identity token algorithm 'none' is not accepted"
+    assert (
+        _reason(verifier, f"{head}.{body}.c2ln")
+        == "identity token algorithm 'none' is not accepted"
+    )
 
 
 def test_hs256_signed_with_the_public_key(issuer: TokenIssuer) -> None:
@@ -175,7 +190,10 @@ def test_hs256_signed_with_the_public_key(issuer: TokenIssuer) -> None:
     head = _segment({"alg": "HS256", "kid": issuer.kid, "typ": "JWT"})
     body = _segment(_claims())
     sig = _b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
-    assert _reason(_verifier(issuer), f"{head}.{body}.{sig}") == "identity token algorithm 'HS256' is not accepted"
+    assert (
+        _reason(_verifier(issuer), f"{head}.{body}.{sig}")
+        == "identity token algorithm 'HS256' is not accepted"
+    )
 
 
 @pytest.mark.parametrize("param", ["jwk", "jku", "x5u", "x5c", "crit"])
@@ -196,7 +214,7 @@ def test_embedded_key_parameters_are_refused(issuer: TokenIssuer, param: str) ->
 
 
 def test_unknown_kid(issuer: TokenIssuer) -> None:
-    """A token from a key we do not know raises UnknownSigningKey (a 401 unless a refetch finds it)."""
+    """A token from an unknown key raises UnknownSigningKey (401 unless a refetch finds it)."""
     stranger = TokenIssuer()
     with pytest.raises(UnknownSigningKey) as caught:
         _verifier(issuer).verify(stranger.mint("orders", "inventory"), AUDIENCE)

@@ -78,7 +78,9 @@ def test_the_design_example_is_valid() -> None:
 def test_unknown_key_names_file_line_and_field() -> None:
     """A misspelled key is an error at its own line, not silently ignored."""
     text = "service: inventory\ninbound:\n  authorisation: {}\n"
-    assert _issues(text) == ["p.yaml:3: inbound.authorisation: unknown key (check its spelling and indentation)"]
+    assert _issues(text) == [
+        "p.yaml:3: inbound.authorisation: unknown key (check its spelling and indentation)"
+    ]
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -93,7 +95,10 @@ def test_every_problem_is_reported_at_once() -> None:
     )
     issues = _issues(text)
     assert any(i.startswith("p.yaml:3: inbound.authentication:") for i in issues)
-    assert any(i.startswith("p.yaml:6: inbound.faults[0].delay.duration: expected a duration") for i in issues)
+    assert any(
+        i.startswith("p.yaml:6: inbound.faults[0].delay.duration: expected a duration")
+        for i in issues
+    )
     assert any(i.startswith("p.yaml:6: inbound.faults[0].delay.percent:") for i in issues)
 
 
@@ -136,7 +141,10 @@ inbound:
 def test_rule_fields_are_validated(snippet: str, expected: str) -> None:
     """Patterns, methods and header conditions are checked when the file loads."""
     action = "" if snippet.startswith("action") else "action: allow, "
-    text = f"service: a\ninbound:\n  authorization:\n    rules:\n      - {{name: r, {action}{snippet}}}\n"
+    text = (
+        "service: a\ninbound:\n  authorization:\n    rules:\n"
+        f"      - {{name: r, {action}{snippet}}}\n"
+    )
     issues = _issues(text)
     assert any(expected in i and i.startswith("p.yaml:5:") for i in issues), issues
 

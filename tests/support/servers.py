@@ -78,13 +78,32 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", "--no-access-log",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
     ]
 
 
 def gunicorn_argv(app: str, port: int, workers: int = 2) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn", app, "-b", f"127.0.0.1:{port}", "-w", str(workers),
-        "--log-level", "warning", "--graceful-timeout", "3",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        app,
+        "-b",
+        f"127.0.0.1:{port}",
+        "-w",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--graceful-timeout",
+        "3",
     ]

@@ -1,0 +1,64 @@
+"""A wheel built from the tree installs into a fresh venv with adapters under mesh_middleware."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import REPO
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_the_public_api(tmp_path: Path) -> None:
+    """Build the wheel, install it with its dependencies into a new venv, import the API."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("mesh_middleware-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    probe = (
+        "import mesh_middleware as m, mesh_middleware.adapters.asgi as a;"
+        "from mesh_middleware import Mesh, MeshMiddleware, MeshWSGIMiddleware;"
+        "assert 'site-packages' in a.__file__, a.__file__;"
+        "print(len(m.__all__))"
+    )
+    done = subprocess.run(
+        [str(python), "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 10
+    schema = subprocess.run(
+        [str(env_dir / "bin" / "mesh"), "policy", "schema"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert schema.returncode == 0
+
+
+def test_editable_install_maps_adapters_to_the_top_level_folder() -> None:
+    """In this checkout mesh_middleware.adapters is the top-level adapters/ folder."""
+    import mesh_middleware.adapters.wsgi as wsgi
+
+    assert Path(wsgi.__file__).resolve() == (REPO / "adapters" / "wsgi.py").resolve()
