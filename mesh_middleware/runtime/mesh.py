@@ -63,7 +63,11 @@ class Mesh:
                 service=compiled.service,
                 effect="strict authentication will answer 401 to every non-public request",
             )
-        self._watch = PolicyFileWatch(self.policy_file, self._install) if self.policy_file else None
+        self._watch = (
+            PolicyFileWatch(self.policy_file, self._install, lambda: self.service)
+            if self.policy_file
+            else None
+        )
         self._jwks_due = time.monotonic() + (defaults.JWKS_REFRESH_SECONDS if keys_loaded else 5.0)
         self._loop = BackgroundLoop("mesh-background", poll_interval, self._tick) if watch else None
 

@@ -34,9 +34,15 @@ def _stamp(path: Path) -> _Stamp | None:
 class PolicyFileWatch:
     """Reloads one policy file when it changes on disk (edits and atomic renames alike)."""
 
-    def __init__(self, path: str | Path, install: Callable[[CompiledPolicy], None]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        install: Callable[[CompiledPolicy], None],
+        current_service: Callable[[], str],
+    ) -> None:
         self.path = Path(path)
         self._install = install
+        self._current_service = current_service
         self._stamp = _stamp(self.path)
         self.failures = 0
         self.last_error: str | None = None
@@ -56,7 +62,7 @@ class PolicyFileWatch:
         except PolicyError as exc:
             self.failures += 1
             self.last_error = str(exc)
-            metrics.count_reload(self._service_label(), ok=False)
+            metrics.count_reload(self._current_service(), ok=False)
             log.error(
                 "policy_reload_failed",
                 file=str(self.path),
@@ -69,6 +75,3 @@ class PolicyFileWatch:
         metrics.count_reload(compiled.service, ok=True)
         log.info("policy_reloaded", file=str(self.path), service=compiled.service)
         return True
-
-    def _service_label(self) -> str:
-        return self.path.stem
