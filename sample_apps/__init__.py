@@ -1,0 +1,1 @@
+"""Sample apps for ``mesh demo``: small services with the mesh inside them."""

@@ -1,0 +1,1 @@
+"""inventory: a FastAPI service under uvicorn, strict mesh identity."""

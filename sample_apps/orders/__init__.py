@@ -1,0 +1,1 @@
+"""orders: a Flask service under gunicorn, permissive identity, authorization in audit mode."""
