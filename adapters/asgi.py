@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 import anyio
 import anyio.to_thread
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh_middleware import defaults
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.runtime.mesh import Mesh
 
 __all__ = ["CALLER_SCOPE_KEY", "MeshMiddleware"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CALLER_SCOPE_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
@@ -75,13 +71,21 @@ class MeshMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, mesh: Mesh | None = None, policy: str | None = None, **options: Any
+        self,
+        app: ASGIApp,
+        mesh: Mesh | None = None,
+        policy: str | Path | None = None,
+        *,
+        jwks: str | Path | None = None,
+        issuer: str | None = None,
+        trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN,
+        watch: bool = True,
     ) -> None:
         if mesh is None:
             if policy is None:
                 raise TypeError("MeshMiddleware needs mesh=Mesh(...) or policy='policy.yaml'")
-            mesh = Mesh(policy, **options)
-        elif policy is not None or options:
+            mesh = Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
+        elif policy is not None or jwks is not None or issuer is not None:
             raise TypeError("give either mesh= or policy= and its options, not both")
         self.app = app
         self.mesh = mesh

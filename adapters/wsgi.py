@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from mesh_middleware import defaults
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import status_line
 from mesh_middleware.runtime.mesh import Mesh
@@ -79,13 +81,21 @@ class MeshWSGIMiddleware:
     """
 
     def __init__(
-        self, app: WSGIApp, mesh: Mesh | None = None, policy: str | None = None, **options: Any
+        self,
+        app: WSGIApp,
+        mesh: Mesh | None = None,
+        policy: str | Path | None = None,
+        *,
+        jwks: str | Path | None = None,
+        issuer: str | None = None,
+        trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN,
+        watch: bool = True,
     ) -> None:
         if mesh is None:
             if policy is None:
                 raise TypeError("MeshWSGIMiddleware needs mesh=Mesh(...) or policy='policy.yaml'")
-            mesh = Mesh(policy, **options)
-        elif policy is not None or options:
+            mesh = Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
+        elif policy is not None or jwks is not None or issuer is not None:
             raise TypeError("give either mesh= or policy= and its options, not both")
         self.app = app
         self.mesh = mesh
