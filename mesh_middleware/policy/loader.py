@@ -73,13 +73,24 @@ class _Converter:
         if self.nodes > _MAX_NODES or len(loc) > _MAX_DEPTH or id(node) in self.open:
             raise _TooLarge
         if isinstance(node, yaml.ScalarNode):
-            self.lines.setdefault(loc, node.start_mark.line + 1)
-            return self.loader.construct_object(node, deep=True)
+            line = node.start_mark.line + 1
+            self.lines.setdefault(loc, line)
+            return self._scalar(node, loc, line)
         self.open.add(id(node))
         try:
             return self._convert_collection(node, loc)
         finally:
             self.open.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode, loc: Loc, line: int) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except Exception:  # PyYAML constructors raise whatever a bad value provokes
+            # An explicit tag the value does not fit (`!!int abc`), or an int too long to read.
+            tag = str(node.tag).rsplit(":", 1)[-1]
+            message = f"cannot read {str(node.value)[:40]!r} as {tag}"
+            self.issues.append(PolicyIssue(self.source, line, field_path(loc), message))
+            return None
 
     def _convert_collection(self, node: yaml.Node, loc: Loc) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
@@ -119,18 +130,23 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
         raise PolicyError(
             [PolicyIssue(source, None, "", f"file is larger than {MAX_POLICY_BYTES} bytes")]
         )
-    loader = yaml.SafeLoader(text)
+    too_deep = PolicyIssue(source, None, "", "too deep, too large or recursive (YAML aliases?)")
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
         raise PolicyError([PolicyIssue(source, line, "", f"invalid YAML: {problem}")]) from None
-    except yaml.YAMLError as exc:
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         raise PolicyError([PolicyIssue(source, None, "", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise PolicyError([too_deep]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if root is None:
         raise PolicyError(
             [PolicyIssue(source, None, "", "the file is empty; expected a mapping with 'service'")]
@@ -138,12 +154,8 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
     converter = _Converter(loader, source)
     try:
         data = converter.convert(root, ())
-    except _TooLarge:
-        raise PolicyError(
-            [PolicyIssue(source, None, "", "too deep, too large or recursive (YAML aliases?)")]
-        ) from None
-    except yaml.YAMLError as exc:
-        raise PolicyError([PolicyIssue(source, None, "", f"invalid YAML: {exc}")]) from None
+    except (_TooLarge, RecursionError):
+        raise PolicyError([too_deep]) from None
     if converter.issues:
         raise PolicyError(converter.issues)
     if not isinstance(data, dict):
