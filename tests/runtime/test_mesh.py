@@ -16,7 +16,7 @@ GOOD = "service: inventory\ninbound:\n  authentication: permissive\n"
 
 def test_an_invalid_policy_stops_the_app_from_starting(write_policy: PolicyWriter) -> None:
     """No policy, no app: construction raises PolicyError with the problems."""
-    with pytest.raises(PolicyError, match="inbound.authentication"):
+    with pytest.raises(PolicyError, match=r"inbound\.authentication"):
         Mesh(write_policy("service: a\ninbound:\n  authentication: sometimes\n"), watch=False)
 
 
