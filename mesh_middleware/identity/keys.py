@@ -128,7 +128,7 @@ class KeyStore:
         try:
             document = self._read_url() if self.is_url else self._read_file()
             keys = parse_jwks(document)
-        except (OSError, ValueError, httpx.HTTPError) as exc:
+        except Exception as exc:  # a bad source must never take verification down with it
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("jwks_fetch_failed", source=self.source, error=self.last_error)
             return False

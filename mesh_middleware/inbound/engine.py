@@ -27,6 +27,7 @@ log = structlog.get_logger("mesh.inbound")
 
 _MISSING_IDENTITY = error_body("unauthenticated", "a mesh identity is required")
 _DUPLICATE_IDENTITY = error_body("unauthenticated", "more than one identity header")
+_ENGINE_FAILED = error_body("mesh_unavailable", "the mesh could not evaluate this request")
 
 
 @dataclass(slots=True)
@@ -71,7 +72,25 @@ class InboundEngine:
         *,
         duplicate_token: bool = False,
     ) -> Admission:
-        """Decide one request. ``raw_path`` is the path as sent (percent-encoded)."""
+        """Decide one request. ``raw_path`` is the path as sent (percent-encoded).
+
+        Never raises: should the mesh itself fail, the request is refused with 503 (fail
+        closed) and the failure logged, rather than let through or answered with a traceback.
+        """
+        try:
+            return self._admit(method, raw_path, token, headers, duplicate_token)
+        except Exception:
+            log.exception("inbound_engine_failed", method=method, path=raw_path)
+            return Admission(503, _ENGINE_FAILED)
+
+    def _admit(
+        self,
+        method: str,
+        raw_path: str,
+        token: str | None,
+        headers: Mapping[str, str],
+        duplicate_token: bool,
+    ) -> Admission:
         policy, audience = self._policy()
         try:
             path = normalize_path(raw_path)

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from mesh_middleware import Mesh, MeshMiddleware, TokenIssuer
+from mesh_middleware.policy.authorization import Authorizer
 from mesh_middleware.telemetry import metrics
 from tests.conftest import PolicyWriter
 
@@ -209,3 +210,21 @@ def test_a_fault_with_no_percent_never_fires(
     )
     middleware = MeshMiddleware(_App(), mesh=make_mesh(policy))
     assert {_run(middleware, _scope("/pay"))[0] for _ in range(200)} == {200}
+
+
+def test_a_failure_inside_the_mesh_fails_closed(
+    write_policy: PolicyWriter, make_mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the engine itself break, the request is refused with a JSON 503, never a 500."""
+    mesh = make_mesh(write_policy(PERMISSIVE))
+    app = _App()
+    middleware = MeshMiddleware(app, mesh=mesh)
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Authorizer, "decide", broken)
+    status, body = _run(middleware, _scope("/x"))
+    assert status == 503
+    assert json.loads(body)["error"] == "mesh_unavailable"
+    assert app.scopes == []
