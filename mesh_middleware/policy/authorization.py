@@ -227,9 +227,10 @@ class Authorizer:
 
         ``path`` must already be normalized (:func:`~mesh_middleware.policy.paths.normalize_path`).
         """
-        denied = self.deny.first_match(caller, method, path, headers)
-        if denied is not None:
-            return denied.decision
+        if self.deny.rules:
+            denied = self.deny.first_match(caller, method, path, headers)
+            if denied is not None:
+                return denied.decision
         if self.allow is None:
             return self.default_allow
         allowed = self.allow.first_match(caller, method, path, headers)

@@ -8,6 +8,8 @@ malformed escapes. Other escapes are kept, with upper-case hex, so the result is
 
 from __future__ import annotations
 
+import re
+
 from mesh_middleware.errors import PathError
 
 __all__ = ["normalize_path"]
@@ -20,10 +22,14 @@ _REJECTED_ESCAPES = {
     "00": "NUL",
 }
 MAX_PATH_LENGTH = 8192
+# Anything that needs work or a refusal; a path without any of these is already normal.
+_NEEDS_WORK = re.compile(r"[?#%\\\x00]|//|/\.")
 
 
 def normalize_path(raw: str) -> str:
     """Return the normalized form of a request target's path; raise :class:`PathError` if unsafe."""
+    if raw[:1] == "/" and len(raw) <= MAX_PATH_LENGTH and _NEEDS_WORK.search(raw) is None:
+        return raw
     cut = len(raw)
     for stop in ("?", "#"):
         at = raw.find(stop)
