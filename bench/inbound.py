@@ -1,0 +1,668 @@
+"""Inbound overhead: the same trivial Starlette app served bare and behind ``MeshMiddleware``.
+
+Measured as DESIGN §7 says the published figures were: one uvicorn worker (uvloop, httptools,
+no access log) pinned to CPU 0, wrk (1 thread, 16 connections) pinned to CPU 1, interleaved
+rounds (bare, mesh, bare, mesh, ...) pooled. The meshed server verifies a real Ed25519 JWT-SVID
+and authorizes every request against a 20-rule policy whose matching rule is not the first
+(``--policy FILE`` measures another policy for service ``bench``).
+
+Besides requests/s and wrk's latency percentiles it reports the server's CPU time per request,
+read from ``/proc/<pid>/stat`` (utime + stime) around each run: steadier than requests/s on
+shared machines.
+
+    .venv/bin/python bench/inbound.py                    # 3 rounds x 10 s
+    .venv/bin/python bench/inbound.py --rounds 5 --seconds 15 --json > inbound.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+SERVER_CPU = 0
+CLIENT_CPU = 1
+CONNECTIONS = 16
+ITEM_PATH = "/items/42"
+IDENTITY_HEADER = "x-mesh-identity"
+CALLER = "caller"
+SERVICE = "bench"
+READY_TIMEOUT = 30.0
+SATURATED_PCT = 90  # a server below this share of its core was waiting for wrk, not working
+OTHER_LOAD_PCT = 25  # on a quiet machine this is near 0 (softirqs are charged to the processes)
+_PR_SET_PDEATHSIG = 1
+WRK_GRACE = 30.0
+
+# 20 rules as a real service would have them: denies first, allows for several callers, paths,
+# methods and a couple of header conditions. The rule that admits the benchmark's requests
+# (GET /items/* from 'caller') is 16th; other rules on /items/* are candidates it must beat.
+POLICY = """\
+service: bench
+inbound:
+  authentication: strict
+  public: [/healthz]
+  authorization:
+    mode: enforce
+    rules:
+      - name: deny-admin-from-edge
+        action: deny
+        from: [gateway, web-frontend]
+        paths: [/admin/*]
+      - name: deny-debug-without-ticket
+        action: deny
+        paths: [/debug/*, /internal/*]
+        headers:
+          x-ops-ticket: {present: false}
+      - name: deny-legacy-deletes
+        action: deny
+        methods: [DELETE]
+        paths: [/v1/*]
+      - name: deny-blocked-tenant-items
+        action: deny
+        paths: [/items/*, /orders/*]
+        headers:
+          x-tenant: {values: [blocked-co, suspended-*]}
+      - name: orders-reserve
+        action: allow
+        from: [orders]
+        methods: [POST]
+        paths: [/reserve, /reservations/*]
+      - name: gateway-catalog-read
+        action: allow
+        from: [gateway]
+        methods: [GET, HEAD]
+        paths: [/catalog/*, /search]
+      - name: billing-invoices
+        action: allow
+        from: [billing]
+        paths: [/invoices/*]
+        not_methods: [DELETE]
+      - name: prometheus-scrape
+        action: allow
+        from: [prometheus]
+        methods: [GET]
+        paths: [/metrics]
+      - name: ops-admin
+        action: allow
+        from: [ops-console]
+        paths: [/admin/*]
+        headers:
+          x-ops-ticket: {present: true}
+      - name: inventory-sync-writes
+        action: allow
+        from: [inventory-sync]
+        methods: [PUT, PATCH]
+        paths: [/items/*]
+      - name: reporting-exports
+        action: allow
+        from: [reporting]
+        methods: [GET]
+        paths: ["*.csv", "*.json"]
+      - name: search-any-caller
+        action: allow
+        from: ["*"]
+        methods: [GET]
+        paths: [/search, /search/*]
+      - name: orders-read-orders
+        action: allow
+        from: [orders, checkout]
+        methods: [GET]
+        paths: [/orders/*]
+      - name: checkout-stock
+        action: allow
+        from: [checkout]
+        methods: [GET, POST]
+        paths: [/stock/*]
+      - name: warehouse-items-write
+        action: allow
+        from: [warehouse]
+        methods: [POST, PUT]
+        paths: [/items/*]
+        not_paths: ["*/price"]
+      - name: caller-items-read
+        action: allow
+        from: [caller]
+        methods: [GET, HEAD]
+        paths: [/items/*]
+      - name: recommendations-read
+        action: allow
+        from: [recommendations]
+        methods: [GET]
+        paths: [/items/*, /catalog/*]
+      - name: support-lookup
+        action: allow
+        from: [support-tools]
+        not_from: [support-tools-canary]
+        methods: [GET]
+        paths: [/customers/*, /orders/*]
+      - name: audit-log-read
+        action: allow
+        from: [auditor]
+        methods: [GET]
+        paths: [/audit/*]
+      - name: health-probes
+        action: allow
+        from: ["*"]
+        methods: [GET]
+        paths: [/readyz, /livez]
+"""
+
+_LATENCY = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)", re.MULTILINE)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s*(\d+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_UNIT_US = {"us": 1.0, "ms": 1_000.0, "s": 1_000_000.0, "m": 60_000_000.0}
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run or its figures would be meaningless."""
+
+
+@dataclass
+class Run:
+    """One wrk run against one server."""
+
+    variant: str
+    round: int
+    requests: int
+    seconds: float
+    requests_per_second: float
+    p50_us: float
+    p99_us: float
+    cpu_seconds: float
+    cpu_us_per_request: float
+    server_busy_pct: float
+    wrk_busy_pct: float
+    other_load_pct: float
+
+
+@dataclass
+class Summary:
+    """All runs of one variant, pooled."""
+
+    variant: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.runs)
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / sum(r.seconds for r in self.runs)
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return sum(r.cpu_seconds for r in self.runs) * 1e6 / self.requests
+
+    @property
+    def p50_us(self) -> float:
+        return statistics.median(r.p50_us for r in self.runs)
+
+    @property
+    def p99_us(self) -> float:
+        return statistics.median(r.p99_us for r in self.runs)
+
+    @property
+    def best_requests_per_second(self) -> float:
+        return max(r.requests_per_second for r in self.runs)
+
+    @property
+    def best_cpu_us_per_request(self) -> float:
+        return min(r.cpu_us_per_request for r in self.runs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "best_requests_per_second": round(self.best_requests_per_second, 1),
+            "best_cpu_us_per_request": round(self.best_cpu_us_per_request, 2),
+            "requests": self.requests,
+            "requests_per_second": round(self.requests_per_second, 1),
+            "p50_us": round(self.p50_us, 1),
+            "p99_us": round(self.p99_us, 1),
+            "cpu_us_per_request": round(self.cpu_us_per_request, 2),
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+class Server:
+    """One uvicorn worker process serving ``bench/apps.py``, pinned to one CPU."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}{ITEM_PATH}"
+        self._log_path = log_dir / f"{name}.log"
+        self._log = self._log_path.open("wb")
+        command = [
+            "taskset", "-c", str(SERVER_CPU),
+            sys.executable, "-m", "uvicorn", "apps:app",
+            "--app-dir", str(BENCH_DIR),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        # taskset execs the interpreter, so this pid is the server's own.
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        text = self._log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_ready(self, token: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                _get(self.url, token)
+                return
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"{self.name} server not ready after {READY_TIMEOUT:.0f} s:\n"
+                        f"{self.log_tail()}"
+                    ) from None
+                time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process (all its threads) has used so far."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # Fields after "(comm)": state is field 3, utime field 14, stime field 15.
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+        self._log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the benchmark dies without cleaning up."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str, token: str | None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={IDENTITY_HEADER: token} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def ensure_tools() -> str:
+    """Return wrk's path, installing the Debian package when running as root."""
+    if shutil.which("taskset") is None:
+        raise BenchError("taskset (util-linux) is required to pin the server and wrk to CPUs")
+    allowed = os.sched_getaffinity(0)
+    if not {SERVER_CPU, CLIENT_CPU} <= allowed:
+        raise BenchError(f"need CPUs {SERVER_CPU} and {CLIENT_CPU}; this process may use {allowed}")
+    wrk = shutil.which("wrk")
+    if wrk is not None:
+        return wrk
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchError(
+            "wrk is not installed and cannot be installed from here: "
+            "run `apt-get install -y wrk` as root (Debian/Ubuntu) and try again"
+        )
+    print("wrk missing: installing it with apt-get ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for step in (["apt-get", "update"], ["apt-get", "install", "-y", "wrk"]):
+        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise BenchError(f"`{' '.join(step)}` failed:\n{done.stderr[-2000:]}")
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise BenchError("apt-get installed wrk but it is not on PATH")
+    return wrk
+
+
+def write_mesh_files(directory: Path, policy_text: str) -> tuple[Path, Path, str, int]:
+    """Write the policy and JWKS files; return them, a token for the caller and the number of
+    authorization rules."""
+    from mesh_middleware import PolicyError, TokenIssuer
+    from mesh_middleware.policy.compiled import compile_policy_text
+
+    try:
+        compiled = compile_policy_text(policy_text, "bench policy")
+    except PolicyError as exc:
+        raise BenchError(f"invalid bench policy: {exc}") from None
+    if compiled.service != SERVICE:
+        raise BenchError(f"the bench policy must be for service {SERVICE!r}")
+    issuer = TokenIssuer()
+    token = issuer.mint(CALLER, SERVICE, lifetime=3600)
+    policy = directory / "policy.yaml"
+    policy.write_text(policy_text)
+    jwks = directory / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    return policy, jwks, token, len(compiled.authorizer.rules)
+
+
+def mesh_version() -> str:
+    from mesh_middleware import __version__
+
+    return __version__
+
+
+def check_servers(bare: Server, mesh: Server, token: str) -> None:
+    """Fail unless the mesh really verifies identities and both servers answer alike."""
+    for server in (bare, mesh):
+        status, body = _get(server.url, token)
+        if status != 200 or json.loads(body).get("id") != 42:
+            raise BenchError(f"{server.name}: GET {ITEM_PATH} with a token gave {status} {body!r}")
+    status, body = _get(mesh.url, None)
+    if status != 401:
+        raise BenchError(f"mesh: GET {ITEM_PATH} without a token gave {status}, expected 401")
+    status, body = _get(mesh.url, token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB"))
+    if status != 401:
+        raise BenchError(f"mesh: GET {ITEM_PATH} with a forged token gave {status}, expected 401")
+    status, body = _get(mesh.url.replace(ITEM_PATH, "/admin/x"), token)
+    if status != 403:
+        raise BenchError(f"mesh: GET /admin/x as {CALLER!r} gave {status}, expected 403")
+
+
+def _micros(value: str, unit: str) -> float:
+    return float(value) * _UNIT_US[unit]
+
+
+def parse_wrk(output: str) -> tuple[int, float, dict[str, float]]:
+    """Requests, duration in seconds and latency percentiles (µs) from ``wrk --latency``."""
+    totals = _REQUESTS.search(output)
+    latencies = {p: _micros(v, u) for p, v, u in _LATENCY.findall(output)}
+    if totals is None or "50" not in latencies or "99" not in latencies:
+        raise BenchError(f"cannot parse wrk output:\n{output}")
+    non_2xx = _NON_2XX.search(output)
+    if non_2xx is not None and int(non_2xx.group(1)) > 0:
+        raise BenchError(f"wrk saw {non_2xx.group(1)} non-2xx responses:\n{output}")
+    errors = _SOCKET_ERRORS.search(output)
+    if errors is not None and any(int(n) for n in errors.groups()):
+        raise BenchError(f"wrk saw socket errors:\n{output}")
+    seconds = _micros(totals.group(2), totals.group(3)) / 1e6
+    return int(totals.group(1)), seconds, latencies
+
+
+def _busy_seconds(cpus: tuple[int, ...]) -> float:
+    """Time ``cpus`` have spent busy (not idle or waiting on I/O) since boot, all processes."""
+    busy = 0
+    names = {f"cpu{cpu}" for cpu in cpus}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, _, rest = line.partition(" ")
+        if name in names:
+            # user nice system idle iowait irq softirq steal ...
+            ticks = [int(n) for n in rest.split()]
+            busy += ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+            names.discard(name)
+    if names:
+        raise BenchError(f"no {sorted(names)} in /proc/stat")
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class _Cpu:
+    server: float
+    wrk: float
+    other: float
+
+
+def run_wrk(wrk: str, server: Server, token: str, seconds: int) -> tuple[str, _Cpu]:
+    """Run wrk against ``server``; return its output and the CPU seconds the server, wrk and
+    everything else on both cores (other processes, softirqs, the idle server) used meanwhile."""
+    command = [
+        "taskset", "-c", str(CLIENT_CPU), wrk,
+        "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
+        "-H", f"{IDENTITY_HEADER}: {token}",
+        server.url,
+    ]  # fmt: skip
+    cores = (SERVER_CPU, CLIENT_CPU)
+    server_before, busy_before = server.cpu_seconds(), _busy_seconds(cores)
+    wrk_before = _children_cpu_seconds()
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + WRK_GRACE, check=False
+    )
+    wrk_cpu = _children_cpu_seconds() - wrk_before
+    server_cpu = server.cpu_seconds() - server_before
+    busy = _busy_seconds(cores) - busy_before
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    if server.process.poll() is not None:
+        raise BenchError(f"{server.name} server died during the run:\n{server.log_tail()}")
+    return done.stdout, _Cpu(server_cpu, wrk_cpu, max(0.0, busy - server_cpu - wrk_cpu))
+
+
+def measure(wrk: str, server: Server, token: str, seconds: int, round_: int) -> Run:
+    output, cpu = run_wrk(wrk, server, token, seconds)
+    requests, elapsed, latencies = parse_wrk(output)
+    if requests == 0:
+        raise BenchError(f"wrk made no requests:\n{output}")
+    return Run(
+        variant=server.name,
+        round=round_,
+        requests=requests,
+        seconds=elapsed,
+        requests_per_second=requests / elapsed,
+        p50_us=latencies["50"],
+        p99_us=latencies["99"],
+        cpu_seconds=cpu.server,
+        cpu_us_per_request=cpu.server * 1e6 / requests,
+        server_busy_pct=100 * cpu.server / elapsed,
+        wrk_busy_pct=100 * cpu.wrk / elapsed,
+        other_load_pct=100 * cpu.other / elapsed,
+    )
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--seconds", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per server")
+    parser.add_argument("--json", action="store_true", help="write the figures as JSON to stdout")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="use this policy file instead of the built-in 20-rule one (service 'bench', must"
+        " allow GET /items/42 from 'caller' and deny GET /admin/x)",
+    )
+    args = parser.parse_args(argv)
+    if not (1 <= args.rounds <= 20 and 1 <= args.seconds <= 120 and 0 <= args.warmup <= 30):
+        parser.error("--rounds 1..20, --seconds 1..120, --warmup 0..30")
+    out: TextIO = sys.stderr if args.json else sys.stdout
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    servers: list[Server] = []
+    summaries: dict[str, Summary] = {}
+    rules = 0
+    try:
+        wrk = ensure_tools()
+        with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+            directory = Path(tmp)
+            try:
+                policy_text = args.policy.read_text() if args.policy else POLICY
+            except OSError as exc:
+                raise BenchError(f"cannot read {args.policy}: {exc}") from None
+            policy, jwks, token, rules = write_mesh_files(directory, policy_text)
+            common = {"BENCH_POLICY": str(policy), "BENCH_JWKS": str(jwks)}
+            bare = Server("bare", {**common, "BENCH_MESH": "0"}, directory)
+            servers.append(bare)
+            mesh = Server("mesh", {**common, "BENCH_MESH": "1"}, directory)
+            servers.append(mesh)
+            for server in servers:
+                server.wait_ready(token)
+            check_servers(bare, mesh, token)
+            print(
+                f"mesh-middleware {mesh_version()}, {args.policy or 'built-in policy'}:"
+                f" {rules} rules,"
+                f" python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}",
+                file=out,
+            )
+            print(
+                f"server on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}, {CONNECTIONS} connections, "
+                f"{args.rounds} rounds x {args.seconds} s, warm-up {args.warmup} s",
+                file=out,
+            )
+            print(
+                "  busy = % of one CPU during the run; other = busy time of both cores spent"
+                " neither in the server nor in wrk (kernel softirqs, other processes)",
+                file=out,
+            )
+            if args.warmup:
+                for server in servers:
+                    run_wrk(wrk, server, token, args.warmup)
+            summaries = {s.name: Summary(s.name) for s in servers}
+            for round_ in range(1, args.rounds + 1):
+                for server in servers:
+                    run = measure(wrk, server, token, args.seconds, round_)
+                    summaries[server.name].runs.append(run)
+                    print(
+                        f"  round {round_} {run.variant:<4}  {run.requests_per_second:9.1f} req/s"
+                        f"  p50 {run.p50_us / 1000:6.2f} ms  p99 {run.p99_us / 1000:6.2f} ms"
+                        f"  cpu {run.cpu_us_per_request:6.1f} us/req"
+                        f"  (busy: server {run.server_busy_pct:3.0f}%, wrk"
+                        f" {run.wrk_busy_pct:3.0f}%, other {run.other_load_pct:3.0f}%)",
+                        file=out,
+                    )
+            check_servers(bare, mesh, token)
+    except BenchError as exc:
+        print(f"inbound bench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers:
+            server.stop()
+    report(summaries, args, rules, out)
+    return 0
+
+
+def report(
+    summaries: dict[str, Summary], args: argparse.Namespace, rules: int, out: TextIO
+) -> None:
+    bare, mesh = summaries["bare"], summaries["mesh"]
+    ratio = mesh.requests_per_second / bare.requests_per_second
+    added_cpu = mesh.cpu_us_per_request - bare.cpu_us_per_request
+    print("\npooled (p50/p99: median of the rounds' wrk percentiles)", file=out)
+    print(f"  {'variant':<8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/req':>12}", file=out)
+    for summary in (bare, mesh):
+        print(
+            f"  {summary.variant:<8}{summary.requests_per_second:10.1f}"
+            f"{summary.p50_us / 1000:9.2f}{summary.p99_us / 1000:9.2f}"
+            f"{summary.cpu_us_per_request:12.1f}",
+            file=out,
+        )
+    print(
+        f"  mesh/bare: {ratio:.2f}x requests/s, {added_cpu:+.1f} us CPU per request, "
+        f"p50 {(mesh.p50_us - bare.p50_us) / 1000:+.2f} ms, "
+        f"p99 {(mesh.p99_us - bare.p99_us) / 1000:+.2f} ms",
+        file=out,
+    )
+    cpu_ratio = bare.cpu_us_per_request / mesh.cpu_us_per_request
+    print(
+        f"  requests/s ratio a saturated server would show (bare CPU / mesh CPU per request):"
+        f" {cpu_ratio:.2f}x",
+        file=out,
+    )
+    best_ratio = mesh.best_requests_per_second / bare.best_requests_per_second
+    best_added = mesh.best_cpu_us_per_request - bare.best_cpu_us_per_request
+    print(
+        f"  best rounds (least disturbed): bare {bare.best_requests_per_second:.1f} req/s"
+        f" {bare.best_cpu_us_per_request:.1f} us/req, mesh {mesh.best_requests_per_second:.1f}"
+        f" req/s {mesh.best_cpu_us_per_request:.1f} us/req -> {best_ratio:.2f}x,"
+        f" {best_added:+.1f} us CPU per request",
+        file=out,
+    )
+    runs = bare.runs + mesh.runs
+    starved = [r for r in runs if r.server_busy_pct < SATURATED_PCT]
+    loaded = [r for r in runs if r.other_load_pct > OTHER_LOAD_PCT]
+    contended = bool(starved or loaded)
+    if contended:
+        print(
+            f"  WARNING: {len(starved)} of {len(runs)} runs kept the server under"
+            f" {SATURATED_PCT}% busy and {len(loaded)} saw over {OTHER_LOAD_PCT}% of a CPU of"
+            " other load: the machine is shared right now, so requests/s (and the ratio) are"
+            " unreliable; CPU us/request is the steadier figure.",
+            file=out,
+        )
+    if args.json:
+        figures = {
+            "settings": {
+                "rounds": args.rounds,
+                "seconds": args.seconds,
+                "warmup": args.warmup,
+                "connections": CONNECTIONS,
+                "server_cpu": SERVER_CPU,
+                "client_cpu": CLIENT_CPU,
+                "policy": str(args.policy) if args.policy else "built-in",
+                "policy_rules": rules,
+            },
+            "bare": bare.as_dict(),
+            "mesh": mesh.as_dict(),
+            "ratio_requests_per_second": round(ratio, 3),
+            "added_cpu_us_per_request": round(added_cpu, 2),
+            "cpu_ratio": round(cpu_ratio, 3),
+            "best_rounds_ratio_requests_per_second": round(best_ratio, 3),
+            "best_rounds_added_cpu_us_per_request": round(best_added, 2),
+            "machine_contended": contended,
+        }
+        json.dump(figures, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
