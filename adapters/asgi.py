@@ -27,36 +27,37 @@ _UNKNOWN_KID_WAIT = defaults.JWKS_FETCH_TIMEOUT_SECONDS + 0.5
 
 
 class _ScopeHeaders(Mapping[str, str]):
-    """Request headers by lower-case name, decoded only if a rule asks for one."""
+    """Request headers by lower-case name, read from the ASGI header list on demand.
 
-    __slots__ = ("_raw", "_values")
+    ASGI servers lower-case header names, so a look-up is a scan of bytes for bytes; nothing
+    is decoded unless a rule asks for that header. Repeated headers join with ``,``.
+    """
+
+    __slots__ = ("_raw",)
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._raw = raw
-        self._values: dict[str, str] | None = None
-
-    def _decoded(self) -> dict[str, str]:
-        values = self._values
-        if values is None:
-            values = {}
-            for key, value in self._raw:
-                name = key.decode("latin-1").lower()
-                text = value.decode("latin-1")
-                values[name] = f"{values[name]},{text}" if name in values else text
-            self._values = values
-        return values
-
-    def __getitem__(self, name: str) -> str:
-        return self._decoded()[name]
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self._decoded().get(name, default)
+        key = name.encode("latin-1")
+        found: str | None = None
+        for header, value in self._raw:
+            if header == key:
+                text = value.decode("latin-1")
+                found = text if found is None else f"{found},{text}"
+        return default if found is None else found
+
+    def __getitem__(self, name: str) -> str:
+        value: str | None = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._decoded())
+        return iter(dict.fromkeys(k.decode("latin-1") for k, _ in self._raw))
 
     def __len__(self) -> int:
-        return len(self._decoded())
+        return len({k for k, _ in self._raw})
 
 
 class MeshMiddleware:

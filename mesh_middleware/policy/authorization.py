@@ -116,52 +116,58 @@ class _RuleIndex:
         self.rest.append(index)
 
     def candidates(self, caller: str | None, method: str, path: str) -> list[int]:
-        found: list[int] = []
+        """Positions of every rule that may match, in file order (for tests and tools)."""
+        found: set[int] = set(self.rest)
+        for bucket in self._buckets(caller, method, path):
+            found.update(bucket)
+        return sorted(found)
+
+    def _buckets(self, caller: str | None, method: str, path: str) -> list[list[int]]:
+        buckets = []
         hit = self.exact.get(path)
         if hit:
-            found += hit
+            buckets.append(hit)
         size = len(path)
-        if self.prefix_lengths:
-            prefix = self.prefix
-            for length in self.prefix_lengths:
-                if length > size:
-                    break
-                hit = prefix.get(path[:length])
-                if hit:
-                    found += hit
-        if self.suffix_lengths:
-            suffix = self.suffix
-            for length in self.suffix_lengths:
-                if length > size:
-                    break
-                hit = suffix.get(path[-length:])
-                if hit:
-                    found += hit
+        for length in self.prefix_lengths:
+            if length > size:
+                break
+            hit = self.prefix.get(path[:length])
+            if hit:
+                buckets.append(hit)
+        for length in self.suffix_lengths:
+            if length > size:
+                break
+            hit = self.suffix.get(path[-length:])
+            if hit:
+                buckets.append(hit)
         if self.by_caller:
             hit = self.by_caller.get(caller)
             if hit:
-                found += hit
+                buckets.append(hit)
         if self.by_method:
             hit = self.by_method.get(method)
             if hit:
-                found += hit
-        if not found:
-            return self.rest
+                buckets.append(hit)
         if self.rest:
-            found += self.rest
-        if len(found) > 1:
-            return sorted(set(found))
-        return found
+            buckets.append(self.rest)
+        return buckets
 
     def first_match(
         self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
     ) -> CompiledRule | None:
+        """The matching rule that comes first in the file, or ``None``."""
         rules = self.rules
-        for index in self.candidates(caller, method, path):
-            rule = rules[index]
-            if rule.conditions.holds(caller, method, path, headers):
-                return rule
-        return None
+        best = len(rules)
+        # Each bucket is in file order: scan it only up to the best match found so far,
+        # so no merging or sorting happens per request.
+        for bucket in self._buckets(caller, method, path):
+            for index in bucket:
+                if index >= best:
+                    break
+                if rules[index].conditions.holds(caller, method, path, headers):
+                    best = index
+                    break
+        return rules[best] if best < len(rules) else None
 
 
 class Authorizer:

@@ -19,6 +19,9 @@ from mesh_middleware.policy.schema import Policy
 __all__ = ["LoadedPolicy", "field_path", "load_policy", "parse_policy"]
 
 MAX_POLICY_BYTES = 1024 * 1024
+# libyaml's parser when PyYAML was built with it (the wheels are): the same nodes and marks,
+# about ten times faster on large files.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_NODES = 200_000
 _MAX_DEPTH = 64
 
@@ -133,7 +136,7 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
     too_deep = PolicyIssue(source, None, "", "too deep, too large or recursive (YAML aliases?)")
     loader: yaml.SafeLoader | None = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
