@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -12,6 +15,7 @@ import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh_middleware import defaults
+from mesh_middleware.errors import RepeatedHeader
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.runtime.mesh import Mesh
 
@@ -23,14 +27,14 @@ CALLER_SCOPE_KEY = "mesh.caller"
 _IDENTITY_HEADER = defaults.IDENTITY_HEADER.encode("latin-1")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
-_UNKNOWN_KID_WAIT = defaults.JWKS_FETCH_TIMEOUT_SECONDS + 0.5
+_UNKNOWN_KID_WAIT = defaults.UNKNOWN_KID_WAIT_SECONDS
 
 
 class _ScopeHeaders(Mapping[str, str]):
     """Request headers by lower-case name, read from the ASGI header list on demand.
 
     ASGI servers lower-case header names, so a look-up is a scan of bytes for bytes; nothing
-    is decoded unless a rule asks for that header. Repeated headers join with ``,``.
+    is decoded unless a rule asks for that header. A header a rule reads must appear once.
     """
 
     __slots__ = ("_raw",)
@@ -40,12 +44,13 @@ class _ScopeHeaders(Mapping[str, str]):
 
     def get(self, name: str, default: Any = None) -> Any:
         key = name.encode("latin-1")
-        found: str | None = None
+        found: bytes | None = None
         for header, value in self._raw:
             if header == key:
-                text = value.decode("latin-1")
-                found = text if found is None else f"{found},{text}"
-        return default if found is None else found
+                if found is not None:
+                    raise RepeatedHeader(name)
+                found = value
+        return default if found is None else found.decode("latin-1")
 
     def __getitem__(self, name: str) -> str:
         value: str | None = self.get(name)
@@ -58,6 +63,38 @@ class _ScopeHeaders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len({k for k, _ in self._raw})
+
+
+def _split_root(scope: Scope, root: str) -> tuple[str, str]:
+    """Split the raw path into the mount point (``root_path``) and the path the app routes on.
+
+    Servers started with ``--root-path`` and Starlette's ``Mount`` keep the mount point in
+    ``path`` and ``raw_path``; the app routes on what follows it, so that is what is authorized.
+    """
+    raw_path = scope.get("raw_path")
+    full = scope.get("path", "")
+    raw = raw_path.decode("latin-1") if raw_path else quote(full, _SAFE_PATH_CHARS)
+    raw_root = quote(root, _SAFE_PATH_CHARS)
+    if raw.startswith(raw_root) and raw[len(raw_root) : len(raw_root) + 1] in ("", "/"):
+        return raw_root, raw[len(raw_root) :] or "/"
+    if full.startswith(root):
+        # The mount point was spelled differently on the wire: use the decoded path.
+        return raw_root, quote(full[len(root) :], _SAFE_PATH_CHARS) or "/"
+    return "", raw  # a server whose path does not include root_path
+
+
+async def _wait_for(future: Future[bool], seconds: float) -> None:
+    """Wait for a refetch without holding a worker thread where the loop is asyncio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio): a thread that gives up at the timeout
+        with anyio.move_on_after(seconds):
+            await anyio.to_thread.run_sync(
+                lambda: future.exception(seconds), abandon_on_cancel=True
+            )
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), seconds)
 
 
 class MeshMiddleware:
@@ -104,8 +141,15 @@ class MeshMiddleware:
             if key == _IDENTITY_HEADER:
                 duplicate = token is not None
                 token = value.decode("latin-1")
+        root = scope.get("root_path", "")
         raw_path = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if raw_path else quote(scope["path"], _SAFE_PATH_CHARS)
+        if root:
+            raw_root, path = _split_root(scope, root)
+        else:
+            raw_root = ""
+            path = (
+                raw_path.decode("latin-1") if raw_path else quote(scope["path"], _SAFE_PATH_CHARS)
+            )
         method = scope.get("method", "GET")
         headers = _ScopeHeaders(raw_headers)
         engine = self._engine
@@ -118,9 +162,10 @@ class MeshMiddleware:
             await self._refuse(scope, receive, send, admission)
             return
         if admission.path is not None:
+            # The app routes on exactly the path that was authorized.
             scope = dict(scope)
-            scope["path"] = unquote(admission.path)
-            scope["raw_path"] = admission.path.encode("latin-1")
+            scope["path"] = (root if raw_root else "") + unquote(admission.path)
+            scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
         scope[CALLER_SCOPE_KEY] = admission.caller
         await self.app(scope, receive, send)
 
@@ -135,11 +180,11 @@ class MeshMiddleware:
         kid = admission.unknown_kid
         assert kid is not None
         keys = self.mesh.keys
-        with anyio.move_on_after(_UNKNOWN_KID_WAIT):
-            # Rate-limited and shared by concurrent callers; the event loop stays free.
-            known = await anyio.to_thread.run_sync(keys.refresh_for_unknown_kid, kid)
-            if known:
-                return self._engine.admit(method, path, token, headers)
+        future = keys.refetch_for(kid)  # rate-limited, shared, in its own thread
+        if future is not None:
+            await _wait_for(future, _UNKNOWN_KID_WAIT)
+        if keys.get(kid) is not None:
+            return self._engine.admit(method, path, token, headers)
         return admission
 
     async def _refuse(

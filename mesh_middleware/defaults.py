@@ -11,9 +11,11 @@ __all__ = [
     "JWKS_REFRESH_SECONDS",
     "MAX_JWKS_BYTES",
     "MAX_TOKEN_BYTES",
+    "MAX_TOKEN_LIFETIME_SECONDS",
     "POLICY_POLL_SECONDS",
     "TOKEN_CACHE_SIZE",
     "TOKEN_LIFETIME_SECONDS",
+    "UNKNOWN_KID_WAIT_SECONDS",
     "default_issuer",
 ]
 
@@ -42,7 +44,13 @@ JWKS_MIN_REFETCH_SECONDS = 10.0
 """An unknown ``kid`` refetches the JWKS at most this often."""
 
 JWKS_FETCH_TIMEOUT_SECONDS = 2.0
-"""Timeout of one JWKS fetch."""
+"""Overall deadline of one JWKS fetch (connect, headers and body)."""
+
+UNKNOWN_KID_WAIT_SECONDS = 2.5
+"""How long a request naming an unknown ``kid`` waits for the refetch it triggered."""
+
+MAX_TOKEN_LIFETIME_SECONDS = 24 * 3600
+"""A token valid for longer than this (``exp`` beyond now) is refused."""
 
 MAX_JWKS_BYTES = 256 * 1024
 """A larger JWKS document is refused."""

@@ -6,7 +6,9 @@ Hierarchy::
     ├── PolicyError          a policy file is unreadable or invalid (carries every issue found)
     ├── IdentityError        a mesh identity token was rejected (carries the reason)
     │   └── UnknownSigningKey   the token names a key id the verifier does not know (yet)
-    └── PathError            a request path cannot be normalized safely (answered with 400)
+    └── RequestError         a request the mesh cannot judge safely (answered with 400)
+        ├── PathError           its path cannot be normalized safely
+        └── RepeatedHeader      a header a policy condition reads appears more than once
 """
 
 from __future__ import annotations
@@ -66,9 +68,24 @@ class UnknownSigningKey(IdentityError):
         super().__init__(f"unknown signing key {kid!r}")
 
 
-class PathError(MeshError):
-    """The request path is unsafe or malformed; the request is answered with 400."""
+class RequestError(MeshError):
+    """The request cannot be judged safely; it is answered with 400 and ``reason``."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class PathError(RequestError):
+    """The request path is unsafe or malformed."""
+
+
+class RepeatedHeader(RequestError):
+    """A header that a policy condition reads appears more than once.
+
+    Frameworks read the first value, Envoy joins them: rather than pick one reading and let the
+    app act on the other, the request is refused.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"header {name!r} appears more than once")

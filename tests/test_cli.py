@@ -127,3 +127,21 @@ def test_the_console_script_runs(write_policy: PolicyWriter) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_explain_encodes_a_typed_path_like_a_client(
+    write_policy: PolicyWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--path /café` is asked about as a client would send it: /caf%C3%A9."""
+    path = write_policy(
+        """\
+        service: a
+        inbound:
+          authorization:
+            rules:
+              - {name: no-cafe, action: deny, paths: ['/caf%C3%A9']}
+        """
+    )
+    argv = ["policy", "explain", str(path), "--from", "b", "--method", "GET", "--json"]
+    assert main([*argv, "--path", "/café"]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "no-cafe"

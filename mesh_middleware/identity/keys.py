@@ -7,10 +7,12 @@ stability). An unknown ``kid`` may trigger a refetch, at most once per
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,10 @@ from mesh_middleware import defaults
 __all__ = ["KeyStore", "parse_jwks"]
 
 log = structlog.get_logger("mesh.identity")
+
+
+def _fingerprint(keys: dict[str, OKPKey]) -> set[tuple[str, str]]:
+    return {(kid, str(key.as_dict(private=False).get("x"))) for kid, key in keys.items()}
 
 
 def parse_jwks(document: Any) -> dict[str, OKPKey]:
@@ -60,7 +66,9 @@ class KeyStore:
         self._min_refetch = min_refetch_seconds
         self._timeout = fetch_timeout
         self._clock = clock
-        self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # one fetch at a time; never taken by a request
+        self._state_lock = threading.Lock()  # guards the in-flight refetch, held briefly
+        self._inflight: Future[bool] | None = None
         self._last_unknown_kid_fetch = float("-inf")
         self._file_stamp: tuple[int, int] | None = None
         self.generation = 0
@@ -80,7 +88,7 @@ class KeyStore:
 
     def replace(self, keys: dict[str, OKPKey]) -> None:
         """Install a new key set (and tell listeners, e.g. to drop cached verifications)."""
-        changed = set(keys) != set(self._keys)
+        changed = _fingerprint(keys) != _fingerprint(self._keys)
         self._keys = dict(keys)
         if changed:
             self.generation += 1
@@ -91,7 +99,7 @@ class KeyStore:
         """Fetch the source now; return whether it succeeded. Keeps the old keys on failure."""
         if self.source is None:
             return False
-        with self._lock:
+        with self._fetch_lock:
             return self._fetch_locked()
 
     def refresh_if_changed(self) -> None:
@@ -104,24 +112,55 @@ class KeyStore:
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp != self._file_stamp:
-            with self._lock:
+            with self._fetch_lock:
                 self._fetch_locked()
 
-    def refresh_for_unknown_kid(self, kid: str) -> bool:
-        """Refetch for a token naming ``kid`` (rate-limited); whether ``kid`` is known now."""
-        if kid in self._keys:
-            return True
-        if self.source is None:
-            return False
-        with self._lock:
+    def refetch_for(self, kid: str) -> Future[bool] | None:
+        """Start (or join) a refetch because a token named ``kid``; never blocks.
+
+        Returns a future that completes when the fetch ends (``True`` if it succeeded), or
+        ``None`` when there is no source or a refetch ran less than ``min_refetch_seconds``
+        ago. Concurrent callers share one fetch, which runs in its own daemon thread.
+        """
+        with self._state_lock:
             if kid in self._keys:
-                return True  # another caller's fetch found it while we waited
+                done: Future[bool] = Future()
+                done.set_result(True)
+                return done
+            if self.source is None:
+                return None
+            if self._inflight is not None:
+                return self._inflight
             now = self._clock()
             if now - self._last_unknown_kid_fetch < self._min_refetch:
-                return False
+                return None
             self._last_unknown_kid_fetch = now
-            self._fetch_locked()
-            return kid in self._keys
+            future: Future[bool] = Future()
+            self._inflight = future
+        threading.Thread(
+            target=self._run_refetch, args=(future,), name="mesh-jwks-refetch", daemon=True
+        ).start()
+        return future
+
+    def _run_refetch(self, future: Future[bool]) -> None:
+        ok = False
+        try:
+            with self._fetch_lock:
+                ok = self._fetch_locked()
+        finally:
+            with self._state_lock:
+                self._inflight = None
+            future.set_result(ok)
+
+    def refresh_for_unknown_kid(
+        self, kid: str, timeout: float = defaults.UNKNOWN_KID_WAIT_SECONDS
+    ) -> bool:
+        """Blocking form of :meth:`refetch_for`: wait at most ``timeout``; is ``kid`` known now?"""
+        future = self.refetch_for(kid)
+        if future is not None:
+            with contextlib.suppress(TimeoutError):
+                future.result(timeout)
+        return kid in self._keys
 
     def _fetch_locked(self) -> bool:
         assert self.source is not None
@@ -147,9 +186,19 @@ class KeyStore:
         return json.loads(raw)
 
     def _read_url(self) -> Any:
-        with httpx.Client(timeout=self._timeout) as client:
-            response = client.get(self.source or "", headers={"accept": "application/json"})
-            response.raise_for_status()
-            if len(response.content) > defaults.MAX_JWKS_BYTES:
-                raise ValueError("JWKS document is too large")
-            return response.json()
+        # httpx's timeouts are per operation; a source that trickles bytes is cut off by an
+        # overall deadline, and a document over the size cap is refused as it streams.
+        deadline = time.monotonic() + self._timeout
+        body = bytearray()
+        with (
+            httpx.Client(timeout=self._timeout) as client,
+            client.stream("GET", self.source or "", headers={"accept": "application/json"}) as r,
+        ):
+            r.raise_for_status()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > defaults.MAX_JWKS_BYTES:
+                    raise ValueError("JWKS document is too large")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"JWKS fetch took longer than {self._timeout}s")
+        return json.loads(bytes(body))

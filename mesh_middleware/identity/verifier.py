@@ -92,7 +92,11 @@ class TokenVerifier:
             if now + self.leeway < cached.not_before:
                 raise IdentityError("identity token is not valid yet")
             return cached.identity
+        generation = self.keys.generation
         verified = self._verify_uncached(token, audience, now)
+        if self.keys.generation != generation:
+            # The key set changed while we verified: the key used may be gone. Decide again.
+            return self._verify_uncached(token, audience, now).identity
         cache = self._cache
         if len(cache) >= self.cache_size:
             # Another thread may evict at the same moment; losing that race is harmless.
@@ -177,6 +181,8 @@ class TokenVerifier:
             raise IdentityError(f"identity token claim {claim!r} is invalid") from None
         except jose_errors.JoseError:
             raise IdentityError("identity token claims are invalid") from None
+        if float(claims["exp"]) - now > defaults.MAX_TOKEN_LIFETIME_SECONDS:
+            raise IdentityError("identity token lifetime is longer than the mesh allows")
         parsed = parse_service_id(claims["sub"]) if isinstance(claims["sub"], str) else None
         if parsed is None:
             raise IdentityError("identity token subject is not a mesh service SPIFFE ID")

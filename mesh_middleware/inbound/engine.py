@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from mesh_middleware.errors import IdentityError, PathError, UnknownSigningKey
+from mesh_middleware.errors import IdentityError, PathError, RequestError, UnknownSigningKey
 from mesh_middleware.identity.verifier import CallerIdentity, TokenVerifier
 from mesh_middleware.inbound.responses import error_body
 from mesh_middleware.policy.authorization import AuthorizationDecision
@@ -79,6 +79,8 @@ class InboundEngine:
         """
         try:
             return self._admit(method, raw_path, token, headers, duplicate_token)
+        except RequestError as exc:
+            return Admission(400, error_body("bad_request", exc.reason))
         except Exception:
             log.exception("inbound_engine_failed", method=method, path=raw_path)
             return Admission(503, _ENGINE_FAILED)
@@ -96,6 +98,9 @@ class InboundEngine:
             path = normalize_path(raw_path)
         except PathError as exc:
             return Admission(400, error_body("bad_request", exc.reason))
+        # Methods are matched upper-case, as `mesh policy explain` and werkzeug's router do.
+        if not method.isupper():
+            method = method.upper()
         admission = Admission(path=path if path != raw_path else None)
         if policy.public is not None and policy.public.matches(path):
             return self._faults(policy, admission, None, method, path, headers)
@@ -159,9 +164,11 @@ class InboundEngine:
         headers: Mapping[str, str],
     ) -> Admission:
         for fault in policy.faults:
-            outcome = fault.roll(caller, method, path, headers, self._chance)
-            if outcome is None:
+            if not fault.matches(caller, method, path, headers):
                 continue
+            outcome = fault.roll(self._chance)  # only the first matching fault is rolled
+            if outcome is None:
+                break
             metrics.count_fault(
                 policy.service, outcome.fault, outcome.delay > 0, outcome.abort_status
             )

@@ -12,7 +12,7 @@ from typing import Any
 from mesh_middleware.errors import PathError
 from mesh_middleware.policy.compiled import CompiledPolicy
 from mesh_middleware.policy.conditions import ANONYMOUS
-from mesh_middleware.policy.paths import normalize_path
+from mesh_middleware.policy.paths import encode_path, normalize_path
 
 __all__ = ["explain"]
 
@@ -34,7 +34,8 @@ def explain(
     """
     lowered = {k.lower(): v for k, v in (headers or {}).items()}
     try:
-        normalized = normalize_path(path)
+        # A path typed on a command line may hold characters a client would percent-encode.
+        normalized = normalize_path(encode_path(path))
     except PathError as exc:
         return _result("deny", 400, None, f"bad request: {exc.reason}")
     if compiled.is_public(normalized):

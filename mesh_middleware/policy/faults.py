@@ -38,17 +38,14 @@ class CompiledFault:
     abort_status: int | None
     abort_percent: float
 
-    def roll(
-        self,
-        caller: str | None,
-        method: str,
-        path: str,
-        headers: Mapping[str, str],
-        chance: random.Random,
-    ) -> FaultOutcome | None:
-        """Return what to inject into this request, or ``None`` if nothing (match or dice)."""
-        if not self.conditions.holds(caller, method, path, headers):
-            return None
+    def matches(
+        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+    ) -> bool:
+        """Whether this fault's match holds for the request."""
+        return self.conditions.holds(caller, method, path, headers)
+
+    def roll(self, chance: random.Random) -> FaultOutcome | None:
+        """Roll the dice for a matching request: what to inject, or ``None``."""
         delay = (
             self.delay
             if self.delay_percent and chance.random() * 100.0 < self.delay_percent
@@ -80,6 +77,5 @@ def _compile(position: int, fault: Fault, loaded: LoadedPolicy) -> CompiledFault
 
 
 def compile_faults(loaded: LoadedPolicy) -> tuple[CompiledFault, ...]:
-    """Compile a policy's faults, dropping those whose percentages are all zero."""
-    compiled = (_compile(i, f, loaded) for i, f in enumerate(loaded.policy.inbound.faults))
-    return tuple(f for f in compiled if f.delay_percent > 0 or f.abort_percent > 0)
+    """Compile a policy's faults, in file order (the first whose match holds is rolled)."""
+    return tuple(_compile(i, f, loaded) for i, f in enumerate(loaded.policy.inbound.faults))

@@ -12,7 +12,7 @@ import re
 
 from mesh_middleware.errors import PathError
 
-__all__ = ["normalize_path"]
+__all__ = ["encode_path", "normalize_path", "normalized_pattern_problem"]
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -94,3 +94,42 @@ def _resolve_segments(path: str) -> str:
     if not output:
         return "/"
     return "/" + "/".join(output) + ("/" if trailing_slash else "")
+
+
+_PRINTABLE_ASCII = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def normalized_pattern_problem(body: str) -> str | None:
+    """Why a path pattern (without its ``*``) could never match a normalized path, if it could not.
+
+    Requests are matched after normalization, so a pattern must be written the normalized way:
+    non-ASCII percent-encoded as UTF-8 with upper-case hex, unreserved characters plain, no
+    dot-segments or repeated slashes.
+    """
+    if body == "":
+        return None
+    if any(char not in _PRINTABLE_ASCII for char in body):
+        example = encode_path(body)
+        return f"write spaces, controls and non-ASCII characters percent-encoded, as {example!r}"
+    try:
+        normal = _decode_unreserved(body)
+    except PathError as exc:
+        return f"can never match: {exc.reason}"
+    if body.startswith("/"):
+        normal = _resolve_segments(normal) if normal != "/" else normal
+        if body.endswith("/") and not normal.endswith("/"):
+            normal += "/"
+    if normal != body:
+        return f"requests are matched after normalization; write it as {normal!r}"
+    return None
+
+
+def encode_path(path: str) -> str:
+    """Percent-encode what may not stand raw in a request path (spaces, controls, non-ASCII)."""
+    out = []
+    for char in path:
+        if char in _PRINTABLE_ASCII:
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))
+    return "".join(out)

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
+from mesh_middleware.policy.paths import normalized_pattern_problem
 from mesh_middleware.policy.patterns import pattern_problem
 
 __all__ = [
@@ -86,6 +87,9 @@ def _path_pattern(value: str) -> str:
     _pattern(value)
     if not (value.startswith("/") or value.startswith("*")):
         raise ValueError(f"{value!r}: a path pattern starts with '/' or '*'")
+    problem = normalized_pattern_problem(value.strip("*"))
+    if problem:
+        raise ValueError(f"{value!r}: {problem}")
     return value
 
 

@@ -44,15 +44,26 @@ class PolicyFileWatch:
         self._install = install
         self._current_service = current_service
         self._stamp = _stamp(self.path)
+        self._pending: _Stamp | None = None
         self.failures = 0
         self.last_error: str | None = None
 
     def check(self) -> bool | None:
-        """Reload if the file changed: ``True`` installed, ``False`` rejected, ``None`` same."""
+        """Reload a settled change: ``True`` installed, ``False`` rejected, ``None`` not now.
+
+        A change is loaded only when the file looked the same at two checks in a row, so an
+        editor still writing the file in place is never caught half-way (a truncated file can
+        be valid YAML that allows more than intended). Atomic renames settle at once.
+        """
         stamp = _stamp(self.path)
         if stamp == self._stamp:
+            self._pending = None
+            return None
+        if stamp != self._pending:
+            self._pending = stamp
             return None
         self._stamp = stamp
+        self._pending = None
         return self.reload()
 
     def reload(self) -> bool:

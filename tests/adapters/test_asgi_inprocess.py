@@ -228,3 +228,105 @@ def test_a_failure_inside_the_mesh_fails_closed(
     assert status == 503
     assert json.loads(body)["error"] == "mesh_unavailable"
     assert app.scopes == []
+
+
+HEADER_POLICY = """\
+service: inventory
+inbound:
+  authentication: permissive
+  authorization:
+    rules:
+      - name: no-debug
+        action: deny
+        headers: {x-debug: {values: ["on"]}}
+      - name: no-deletes
+        action: deny
+        methods: [DELETE]
+"""
+
+
+def test_a_repeated_header_that_a_rule_reads_is_refused(
+    write_policy: PolicyWriter, make_mesh: Callable[..., Mesh]
+) -> None:
+    """Sending a checked header twice cannot make the policy and the app read different values."""
+    middleware = MeshMiddleware(_App(), mesh=make_mesh(write_policy(HEADER_POLICY)))
+    scope = _scope("/x")
+    scope["headers"] += [(b"x-debug", b"on"), (b"x-debug", b"on")]
+    status, body = _run(middleware, scope)
+    assert status == 400
+    assert json.loads(body)["reason"] == "header 'x-debug' appears more than once"
+    single = _scope("/x", **{"x-debug": "on"})
+    assert _run(middleware, single)[0] == 403
+    repeated_unchecked = _scope("/x")
+    repeated_unchecked["headers"] += [(b"accept", b"a"), (b"accept", b"b")]
+    assert _run(middleware, repeated_unchecked)[0] == 200
+
+
+def test_methods_are_matched_upper_case(
+    write_policy: PolicyWriter, make_mesh: Callable[..., Mesh]
+) -> None:
+    """A lower-case method (which werkzeug routes as upper-case) meets the same rules."""
+    middleware = MeshMiddleware(_App(), mesh=make_mesh(write_policy(HEADER_POLICY)))
+    assert _run(middleware, _scope("/x", method="delete"))[0] == 403
+
+
+def test_a_zero_percent_fault_still_comes_first(
+    write_policy: PolicyWriter, make_mesh: Callable[..., Mesh]
+) -> None:
+    """Only the first fault whose match holds is rolled, even when its percentages are 0."""
+    policy = write_policy(
+        """\
+        service: inventory
+        inbound:
+          authentication: permissive
+          faults:
+            - name: disabled
+              match: {paths: [/items/*]}
+              abort: {status: 500, percent: 0}
+            - name: everything
+              abort: {status: 503, percent: 100}
+        """
+    )
+    middleware = MeshMiddleware(_App(), mesh=make_mesh(policy))
+    assert _run(middleware, _scope("/items/1"))[0] == 200
+    assert _run(middleware, _scope("/other"))[0] == 503
+
+
+MOUNT_POLICY = """\
+service: inventory
+inbound:
+  authentication: permissive
+  authorization:
+    rules:
+      - {name: no-admin, action: deny, paths: [/admin, /admin/*]}
+"""
+
+
+def test_mounted_apps_are_authorized_on_the_path_they_route(
+    write_policy: PolicyWriter, make_mesh: Callable[..., Mesh]
+) -> None:
+    """Under a Starlette Mount, the policy sees the path after the mount point, as the app does."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def page(request: Any) -> PlainTextResponse:
+        return PlainTextResponse(request.url.path)
+
+    inner = Starlette(routes=[Route("/{rest:path}", page)])
+    mesh = make_mesh(write_policy(MOUNT_POLICY))
+    outer = Starlette(routes=[Mount("/inv", app=MeshMiddleware(inner, mesh=mesh))])
+
+    async def main() -> list[tuple[int, str]]:
+        transport = httpx.ASGITransport(app=outer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answers = []
+            for path in ["/inv/admin", "/inv//admin", "/inv/items/../admin/x", "/inv/items/1"]:
+                response = await client.get(path)
+                answers.append((response.status_code, response.text))
+            return answers
+
+    answers = anyio.run(main)
+    assert [status for status, _ in answers] == [403, 403, 403, 200]
+    assert answers[3][1] == "/inv/items/1"

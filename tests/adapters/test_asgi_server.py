@@ -201,3 +201,28 @@ def _eventually_status(port: int, token: str, status: int, *, within: float) -> 
             return True
         time.sleep(0.05)
     return False
+
+
+def test_root_path_is_stripped_before_authorization(tmp_path: Path) -> None:
+    """Behind `uvicorn --root-path /api` the policy sees what the app routes on."""
+    issuer = TokenIssuer()
+    (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(SERVER_POLICY)
+    port = free_port()
+    env = {"MESH_POLICY": str(policy), "MESH_JWKS": str(tmp_path / "jwks.json")}
+    argv = [*uvicorn_argv("tests.support.asgi_app:app", port), "--root-path", "/api"]
+    token = issuer.mint("orders", "inventory")
+    with running(argv, port=port, env=env, log_path=tmp_path / "server.log"):
+        # uvicorn puts the root path in front of the request path; the app routes on the rest.
+        for target in ["/admin/x", "//admin/x", "/items/../admin/x", "/api/admin/x"]:
+            status, body = raw_request(port, target, headers={"x-mesh-identity": token})
+            if status == 200:
+                routed = body["path"].removeprefix("/api")
+                assert not routed.startswith("/admin"), (target, body)
+            else:
+                assert (status, body["rule"]) == (403, "no-admin"), target
+        status, body = raw_request(port, "/admin/x", headers={"x-mesh-identity": token})
+        assert status == 403
+        status, body = raw_request(port, "/items/1", headers={"x-mesh-identity": token})
+        assert (status, body["path"]) == (200, "/api/items/1")

@@ -131,3 +131,63 @@ def test_a_corrupt_jwks_file_keeps_keys(tmp_path: Path, issuer: TokenIssuer) -> 
     path.write_text("{not json")
     store.refresh_if_changed()
     assert store.kids() == [issuer.kid]
+
+
+class _TricklingServer:
+    """Answers a JWKS one byte at a time, slowly: a fetch must give up on its own deadline."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/jwks"
+        self.connections = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: Any) -> None:
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n")
+            for byte in b'{"keys": []}' * 100:
+                if self.stopped.wait(0.5):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_an_unknown_kid_wait_is_bounded_and_shared() -> None:
+    """A trickling JWKS source cannot hold requests past the wait, and they share one fetch."""
+    import time
+
+    server = _TricklingServer()
+    try:
+        store = KeyStore(server.url, fetch_timeout=1.0)
+        started = time.monotonic()
+        futures = [store.refetch_for("new-kid") for _ in range(20)]
+        assert all(f is futures[0] for f in futures) and futures[0] is not None
+        assert not store.refresh_for_unknown_kid("new-kid", timeout=0.5)
+        assert time.monotonic() - started < 1.0
+        futures[0].result(timeout=5)  # the fetch itself ends by its own deadline
+        assert time.monotonic() - started < 3.0
+        assert store.last_error is not None and "longer than" in store.last_error
+        assert server.connections == 1
+    finally:
+        server.close()

@@ -261,3 +261,43 @@ def test_a_key_set_change_drops_cached_verifications(issuer: TokenIssuer) -> Non
     store.replace(parse_jwks(TokenIssuer().jwks()))
     with pytest.raises(UnknownSigningKey):
         verifier.verify(token, AUDIENCE)
+
+
+def test_a_token_valid_for_too_long_is_refused(issuer: TokenIssuer) -> None:
+    """A token whose exp lies more than a day ahead is refused, however well signed."""
+    token = issuer.mint("orders", "inventory", lifetime=10 * 365 * 24 * 3600)
+    assert (
+        _reason(_verifier(issuer), token)
+        == "identity token lifetime is longer than the mesh allows"
+    )
+
+
+def test_a_key_withdrawn_during_verification_is_not_cached(issuer: TokenIssuer) -> None:
+    """A verification racing a key rotation decides again and caches nothing stale."""
+    store = KeyStore(keys=parse_jwks(issuer.jwks()))
+    verifier = TokenVerifier(store)
+    real = verifier._verify_uncached
+    calls = []
+
+    def racing(token: str, audience: str, now: float) -> Any:
+        result = real(token, audience, now)
+        if not calls:
+            store.replace(parse_jwks(TokenIssuer().jwks()))  # rotation lands mid-verification
+        calls.append(1)
+        return result
+
+    verifier._verify_uncached = racing  # type: ignore[method-assign]
+    with pytest.raises(UnknownSigningKey):
+        verifier.verify(issuer.mint("orders", "inventory"), AUDIENCE)
+    assert verifier._cache == {}
+
+
+def test_new_key_material_under_an_old_kid_drops_the_cache(issuer: TokenIssuer) -> None:
+    """Replacing a key under the same kid counts as a change of the key set."""
+    store = KeyStore(keys=parse_jwks(issuer.jwks()))
+    verifier = TokenVerifier(store)
+    verifier.verify(issuer.mint("orders", "inventory"), AUDIENCE)
+    impostor = TokenIssuer().jwks()
+    impostor["keys"][0]["kid"] = issuer.kid
+    store.replace(parse_jwks(impostor))
+    assert verifier._cache == {}

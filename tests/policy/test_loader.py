@@ -213,3 +213,28 @@ def test_json_schema_is_generated_from_the_models() -> None:
     assert schema["required"] == ["service"]
     rule = schema["$defs"]["Rule"]
     assert "from" in rule["properties"] and rule["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("/café", "'/caf%C3%A9'"),
+        ("/caf%c3%a9", "write it as '/caf%C3%A9'"),
+        ("/a%7eb", "write it as '/a~b'"),
+        ("/a//b*", "write it as '/a/b'"),
+        ("/a/../b", "write it as '/b'"),
+        ("/a%2Fb", "can never match"),
+        ("/a b", "percent-encoded"),
+    ],
+)
+def test_path_patterns_must_be_written_normalized(pattern: str, expected: str) -> None:
+    """A pattern that could never match a normalized request path is an error, with the fix."""
+    text = f"service: a\ninbound:\n  public: ['{pattern}']\n"
+    (issue,) = _issues(text)
+    assert issue.startswith("p.yaml:3: inbound.public[0]:") and expected in issue
+
+
+def test_normalized_patterns_are_accepted() -> None:
+    """Upper-case escapes of reserved characters, prefixes and suffixes are fine."""
+    text = "service: a\ninbound:\n  public: ['/caf%C3%A9', '/items/*', '*.json', '/a%20b', '/']\n"
+    assert parse_policy(text).policy.inbound.public[0] == "/caf%C3%A9"

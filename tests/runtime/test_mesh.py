@@ -68,3 +68,19 @@ def test_a_deleted_policy_file_keeps_the_running_policy(
     path.unlink()
     assert not mesh.reload_policy()
     assert mesh.service == "inventory"
+
+
+def test_a_change_is_loaded_only_once_it_has_settled(write_policy: PolicyWriter) -> None:
+    """A file caught mid-write is not installed: it must look the same at two checks in a row."""
+    from mesh_middleware.runtime.policy_watch import PolicyFileWatch
+
+    path = write_policy(GOOD)
+    installed: list[str] = []
+    watch = PolicyFileWatch(path, lambda compiled: installed.append(compiled.service), lambda: "x")
+    assert watch.check() is None
+    path.write_text("service: half-written\n")
+    assert watch.check() is None and installed == []
+    path.write_text("service: orders\n")
+    assert watch.check() is None and installed == []
+    assert watch.check() is True and installed == ["orders"]
+    assert watch.check() is None
