@@ -54,6 +54,19 @@ class CompiledRule:
     decision: AuthorizationDecision
 
 
+_PLAN_CACHE_SIZE = 4096
+_MAX_CACHED_PATH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What is left to decide once caller, method and path are known: the rules whose header
+    conditions must still be checked, in evaluation order, and the decision if none holds."""
+
+    checks: tuple[CompiledRule, ...]
+    otherwise: AuthorizationDecision
+
+
 def _has_wildcards(matcher: StringMatcher) -> bool:
     return matcher.any or bool(matcher.prefixes) or bool(matcher.suffixes)
 
@@ -152,14 +165,31 @@ class _RuleIndex:
             buckets.append(self.rest)
         return buckets
 
+    def shortlist(self, caller: str | None, method: str, path: str) -> tuple[CompiledRule, ...]:
+        """The rules whose caller, method and path conditions hold, in file order, up to and
+        including the first one without header conditions (no later rule can win after it)."""
+        rules = self.rules
+        matching: set[int] = set()
+        for bucket in self._buckets(caller, method, path):
+            for index in bucket:
+                if index not in matching and rules[index].conditions.holds_without_headers(
+                    caller, method, path
+                ):
+                    matching.add(index)
+        shortlist = []
+        for index in sorted(matching):
+            shortlist.append(rules[index])
+            if not rules[index].conditions.headers:
+                break
+        return tuple(shortlist)
+
     def first_match(
         self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
     ) -> CompiledRule | None:
         """The matching rule that comes first in the file, or ``None``."""
         rules = self.rules
         best = len(rules)
-        # Each bucket is in file order: scan it only up to the best match found so far,
-        # so no merging or sorting happens per request.
+        # Each bucket is in file order: scan it only up to the best match found so far.
         for bucket in self._buckets(caller, method, path):
             for index in bucket:
                 if index >= best:
@@ -173,7 +203,16 @@ class _RuleIndex:
 class Authorizer:
     """Authorizes requests against one policy file's rules."""
 
-    __slots__ = ("allow", "audit", "default_allow", "default_deny", "deny", "rules", "uses_headers")
+    __slots__ = (
+        "_plans",
+        "allow",
+        "audit",
+        "default_allow",
+        "default_deny",
+        "deny",
+        "rules",
+        "uses_headers",
+    )
 
     def __init__(self, loaded: LoadedPolicy) -> None:
         authz = loaded.policy.inbound.authorization
@@ -183,6 +222,7 @@ class Authorizer:
         allow_rules = [r for r in self.rules if r.action == "allow"]
         self.allow = _RuleIndex(allow_rules) if allow_rules else None
         self.uses_headers = any(r.conditions.uses_headers for r in self.rules)
+        self._plans: dict[tuple[str | None, str, str], _Plan] = {}
         self.default_allow = AuthorizationDecision(
             True, 200, None, None, "allowed by default: the policy has no allow rules"
         )
@@ -232,7 +272,40 @@ class Authorizer:
         """Decide one request; ``caller`` is a service name, or ``None`` when anonymous.
 
         ``path`` must already be normalized (:func:`~mesh_middleware.policy.paths.normalize_path`).
+        What caller, method and path settle is planned once per such triple (a bounded cache);
+        only header conditions are evaluated per request.
         """
+        key = (caller, method, path)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(caller, method, path)
+            if len(path) <= _MAX_CACHED_PATH:
+                if len(self._plans) >= _PLAN_CACHE_SIZE:
+                    self._plans = {}  # bounded: start over rather than track recency
+                self._plans[key] = plan
+        for rule in plan.checks:
+            if rule.conditions.headers_hold(headers):
+                return rule.decision
+        return plan.otherwise
+
+    def _plan(self, caller: str | None, method: str, path: str) -> _Plan:
+        checks: list[CompiledRule] = []
+        for rule in self.deny.shortlist(caller, method, path):
+            if not rule.conditions.headers:
+                return _Plan(tuple(checks), rule.decision)
+            checks.append(rule)
+        if self.allow is None:
+            return _Plan(tuple(checks), self.default_allow)
+        for rule in self.allow.shortlist(caller, method, path):
+            if not rule.conditions.headers:
+                return _Plan(tuple(checks), rule.decision)
+            checks.append(rule)
+        return _Plan(tuple(checks), self.default_deny)
+
+    def decide_uncached(
+        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+    ) -> AuthorizationDecision:
+        """:meth:`decide` without the plan cache: every rule index consulted afresh."""
         if self.deny.rules:
             denied = self.deny.first_match(caller, method, path, headers)
             if denied is not None:
@@ -240,6 +313,4 @@ class Authorizer:
         if self.allow is None:
             return self.default_allow
         allowed = self.allow.first_match(caller, method, path, headers)
-        if allowed is not None:
-            return allowed.decision
-        return self.default_deny
+        return allowed.decision if allowed is not None else self.default_deny

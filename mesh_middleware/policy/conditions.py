@@ -91,6 +91,17 @@ class Conditions:
 
     def holds(self, caller: str | None, method: str, path: str, headers: Mapping[str, str]) -> bool:
         """Whether every given condition holds for this request."""
+        return self.holds_without_headers(caller, method, path) and self.headers_hold(headers)
+
+    def headers_hold(self, headers: Mapping[str, str]) -> bool:
+        """Whether every header condition holds (true when there are none)."""
+        for header in self.headers:
+            if not header.holds(headers):
+                return False
+        return True
+
+    def holds_without_headers(self, caller: str | None, method: str, path: str) -> bool:
+        """Whether the caller, method and path conditions hold."""
         if self.paths is not None and not self.paths.matches(path):
             return False
         if self.methods is not None and not self.methods.matches(method):
@@ -101,9 +112,4 @@ class Conditions:
             return False
         if self.not_methods is not None and self.not_methods.matches(method):
             return False
-        if self.not_from is not None and self.not_from.matches(caller):
-            return False
-        for header in self.headers:
-            if not header.holds(headers):
-                return False
-        return True
+        return not (self.not_from is not None and self.not_from.matches(caller))
