@@ -237,6 +237,9 @@ def probes(rules: int) -> list[Probe]:
 def check_probes(authorizer: Authorizer, cases: list[Probe], rules: int) -> None:
     for probe in cases:
         decision = authorizer.decide(probe.caller, probe.method, probe.path, probe.headers)
+        fresh = authorizer.decide_uncached(probe.caller, probe.method, probe.path, probe.headers)
+        if fresh != decision:
+            raise SystemExit(f"{rules} rules, probe {probe.label!r}: cached and fresh disagree")
         if decision.rule != probe.expect_rule or decision.allowed != probe.expect_allowed:
             raise SystemExit(
                 f"{rules} rules, probe {probe.label!r}: expected "
@@ -296,7 +299,14 @@ def bench_size(rules: int, batch: int, rounds: int, out: TextIO) -> dict[str, An
         raise SystemExit(f"generated {len(authorizer.rules)} rules, wanted {rules}")
     cases = probes(rules)
     check_probes(authorizer, cases, rules)
-    decide = authorizer.decide
+    # The bar is checked on the uncached path (every rule index consulted afresh); the plan
+    # cache that serves repeated (caller, method, path) triples is reported beside it.
+    decide = authorizer.decide_uncached
+    cached = authorizer.decide
+
+    def cached_decision_of(p: Probe) -> Callable[[], object]:
+        caller, method, path, headers = p.caller, p.method, p.path, p.headers
+        return lambda: cached(caller, method, path, headers)
 
     def decision_of(p: Probe) -> Callable[[], object]:
         caller, method, path, headers = p.caller, p.method, p.path, p.headers
@@ -311,6 +321,8 @@ def bench_size(rules: int, batch: int, rounds: int, out: TextIO) -> dict[str, An
     pooled_n, _, dropped_n = _time_batches(
         [normalized_decision_of(p) for p in cases], batch, rounds
     )
+    pooled_c, _, dropped_c = _time_batches([cached_decision_of(p) for p in cases], batch, rounds)
+    dropped_n += dropped_c
     result: dict[str, Any] = {
         "rules": rules,
         "compile_seconds": round(compile_s, 3),
@@ -318,6 +330,7 @@ def bench_size(rules: int, batch: int, rounds: int, out: TextIO) -> dict[str, An
         "decision_p99_us": round(_p99(pooled), 3),
         "normalize_and_decision_median_us": round(statistics.median(pooled_n), 3),
         "normalize_and_decision_p99_us": round(_p99(pooled_n), 3),
+        "cached_decision_median_us": round(statistics.median(pooled_c), 3),
         "per_probe_median_us": {
             p.label: round(statistics.median(s), 3) for p, s in zip(cases, per_probe, strict=True)
         },
@@ -336,6 +349,7 @@ def bench_size(rules: int, batch: int, rounds: int, out: TextIO) -> dict[str, An
         f"  p99 {result['decision_p99_us']:6.2f} us   normalize+decision median"
         f" {result['normalize_and_decision_median_us']:6.2f} us"
         f"  p99 {result['normalize_and_decision_p99_us']:6.2f} us"
+        f"   cached plan {result['cached_decision_median_us']:5.2f} us"
         f"  (compile {compile_s:.2f} s, {dropped + dropped_n} preempted batches retimed)"
         f"{verdict}",
         file=out,
