@@ -627,6 +627,23 @@ def report(
         f" {best_added:+.1f} us CPU per request",
         file=out,
     )
+    # Each mesh round against the bare round just before it: drift of the shared machine
+    # between rounds cancels out of these pairs.
+    paired = [
+        m.requests_per_second / b.requests_per_second
+        for b, m in zip(bare.runs, mesh.runs, strict=True)
+    ]
+    paired_cpu = [
+        m.cpu_us_per_request - b.cpu_us_per_request
+        for b, m in zip(bare.runs, mesh.runs, strict=True)
+    ]
+    paired_ratio = statistics.median(paired)
+    paired_added = statistics.median(paired_cpu)
+    print(
+        f"  paired rounds (median of {len(paired)}): {paired_ratio:.2f}x requests/s"
+        f" (range {min(paired):.2f}-{max(paired):.2f}), {paired_added:+.1f} us CPU per request",
+        file=out,
+    )
     runs = bare.runs + mesh.runs
     starved = [r for r in runs if r.server_busy_pct < SATURATED_PCT]
     loaded = [r for r in runs if r.other_load_pct > OTHER_LOAD_PCT]
@@ -657,6 +674,8 @@ def report(
             "added_cpu_us_per_request": round(added_cpu, 2),
             "cpu_ratio": round(cpu_ratio, 3),
             "best_rounds_ratio_requests_per_second": round(best_ratio, 3),
+            "paired_median_ratio_requests_per_second": round(paired_ratio, 3),
+            "paired_median_added_cpu_us_per_request": round(paired_added, 2),
             "best_rounds_added_cpu_us_per_request": round(best_added, 2),
             "machine_contended": contended,
         }
