@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mesh_middleware import defaults
 from mesh_middleware.errors import RepeatedHeader
 from mesh_middleware.inbound.engine import Admission
-from mesh_middleware.runtime.mesh import Mesh
+from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 
 __all__ = ["CALLER_SCOPE_KEY", "MeshMiddleware"]
 
@@ -119,15 +119,17 @@ class MeshMiddleware:
         trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN,
         watch: bool = True,
     ) -> None:
-        if mesh is None:
-            if policy is None:
-                raise TypeError("MeshMiddleware needs mesh=Mesh(...) or policy='policy.yaml'")
-            mesh = Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
-        elif policy is not None or jwks is not None or issuer is not None:
-            raise TypeError("give either mesh= or policy= and its options, not both")
         self.app = app
-        self.mesh = mesh
-        self._engine = mesh.inbound
+        self.mesh = resolve_mesh(
+            "MeshMiddleware",
+            mesh,
+            policy,
+            jwks=jwks,
+            issuer=issuer,
+            trust_domain=trust_domain,
+            watch=watch,
+        )
+        self._engine = self.mesh.inbound
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -11,7 +11,7 @@ from urllib.parse import quote, unquote, urlsplit
 from mesh_middleware import defaults
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import status_line
-from mesh_middleware.runtime.mesh import Mesh
+from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 
 __all__ = ["CALLER_ENVIRON_KEY", "MeshWSGIMiddleware"]
 
@@ -91,15 +91,17 @@ class MeshWSGIMiddleware:
         trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN,
         watch: bool = True,
     ) -> None:
-        if mesh is None:
-            if policy is None:
-                raise TypeError("MeshWSGIMiddleware needs mesh=Mesh(...) or policy='policy.yaml'")
-            mesh = Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
-        elif policy is not None or jwks is not None or issuer is not None:
-            raise TypeError("give either mesh= or policy= and its options, not both")
         self.app = app
-        self.mesh = mesh
-        self._engine = mesh.inbound
+        self.mesh = resolve_mesh(
+            "MeshWSGIMiddleware",
+            mesh,
+            policy,
+            jwks=jwks,
+            issuer=issuer,
+            trust_domain=trust_domain,
+            watch=watch,
+        )
+        self._engine = self.mesh.inbound
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         token = environ.get("HTTP_X_MESH_IDENTITY")

@@ -128,30 +128,12 @@ class InboundEngine:
         decision = policy.authorizer.decide(name, method, path, headers)
         admission.decision = decision
         if not decision.allowed:
-            metrics.count_denial(policy.service, decision.rule, audit=False)
-            log.info(
-                "request_denied",
-                service=policy.service,
-                caller=name or "anonymous",
-                method=method,
-                path=path,
-                rule=decision.rule,
-                reason=decision.reason,
-            )
+            _record_denial(policy.service, decision, name, method, path)
             admission.status = decision.status
             admission.body = error_body("forbidden", decision.reason, rule=decision.rule)
             return admission
         if decision.audit:
-            metrics.count_denial(policy.service, decision.rule, audit=True)
-            log.warning(
-                "request_would_be_denied",
-                service=policy.service,
-                caller=name or "anonymous",
-                method=method,
-                path=path,
-                rule=decision.rule,
-                reason=decision.reason,
-            )
+            _record_denial(policy.service, decision, name, method, path)
         return self._faults(policy, admission, name, method, path, headers)
 
     def _faults(
@@ -183,3 +165,20 @@ class InboundEngine:
                 )
             break
         return admission
+
+
+def _record_denial(
+    service: str, decision: AuthorizationDecision, caller: str | None, method: str, path: str
+) -> None:
+    """Count and log a denial, or in audit mode a denial that was let through."""
+    metrics.count_denial(service, decision.rule, audit=decision.audit)
+    emit = log.warning if decision.audit else log.info
+    emit(
+        "request_would_be_denied" if decision.audit else "request_denied",
+        service=service,
+        caller=caller or "anonymous",
+        method=method,
+        path=path,
+        rule=decision.rule,
+        reason=decision.reason,
+    )

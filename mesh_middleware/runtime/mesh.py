@@ -18,7 +18,7 @@ from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
 from mesh_middleware.runtime.background import BackgroundLoop
 from mesh_middleware.runtime.policy_watch import PolicyFileWatch
 
-__all__ = ["Mesh"]
+__all__ = ["Mesh", "resolve_mesh"]
 
 log = structlog.get_logger("mesh.runtime")
 
@@ -155,3 +155,23 @@ class Mesh:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def resolve_mesh(
+    middleware: str,
+    mesh: Mesh | None,
+    policy: str | Path | None,
+    *,
+    jwks: str | Path | None,
+    issuer: str | None,
+    trust_domain: str,
+    watch: bool,
+) -> Mesh:
+    """The Mesh a middleware was given, or one built from its ``policy=`` shorthand."""
+    if mesh is None:
+        if policy is None:
+            raise TypeError(f"{middleware} needs mesh=Mesh(...) or policy='policy.yaml'")
+        return Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
+    if policy is not None or jwks is not None or issuer is not None:
+        raise TypeError("give either mesh= or policy= and its options, not both")
+    return mesh
