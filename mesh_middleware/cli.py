@@ -1,7 +1,9 @@
 """The ``mesh`` command line (DESIGN §5).
 
-``mesh policy check FILE…`` · ``mesh policy schema`` · ``mesh policy explain FILE --from S
---method M --path P [--header K=V]… [--json]`` · ``mesh demo [--duration N]``.
+``mesh registry …`` · ``mesh token create SERVICE`` · ``mesh services [--json]`` ·
+``mesh instances SERVICE [--json]`` · ``mesh policy check FILE…`` · ``mesh policy schema`` ·
+``mesh policy explain FILE --from S --method M --path P [--header K=V]… [--json]`` ·
+``mesh demo [--duration N]``.
 """
 
 from __future__ import annotations
@@ -74,10 +76,109 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mesh_middleware.registry.server import serve
+    from mesh_middleware.registry.settings import RegistrySettings, default_data_dir
+
+    config = RegistrySettings(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        store_url=args.store,
+        dev=args.dev,
+        trust_domain=args.trust_domain,
+    )
+    return serve(config)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from mesh_middleware.registry.client import RegistryError, admin_token, create_join_token
+
+    try:
+        token = create_join_token(args.registry, admin_token(args.admin_token), args.service)
+    except RegistryError as exc:
+        print(f"mesh token create: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"service": args.service, "token": token}))
+    else:
+        print(token)
+        print(
+            f"(join token for {args.service}, shown once: set it as MESH_JOIN_TOKEN)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _services(args: argparse.Namespace) -> int:
+    from mesh_middleware.registry.client import RegistryError, get_json
+
+    try:
+        body = get_json(args.registry, "/v1/catalog/services")
+    except RegistryError as exc:
+        print(f"mesh services: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body["services"]))
+        return 0
+    rows = [("SERVICE", "INSTANCES", "HEALTHY")]
+    rows += [(s["name"], str(s["instances"]), str(s["healthy"])) for s in body["services"]]
+    _table(rows)
+    return 0
+
+
+def _instances(args: argparse.Namespace) -> int:
+    from mesh_middleware.registry.client import RegistryError, get_json
+
+    try:
+        body = get_json(args.registry, f"/v1/catalog/services/{args.service}")
+    except RegistryError as exc:
+        print(f"mesh instances: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body["instances"]))
+        return 0
+    rows = [("ID", "ADDRESS", "VERSION", "ZONE", "HEALTHY", "EXPIRES IN")]
+    for i in body["instances"]:
+        rows.append(
+            (
+                i["id"],
+                f"{i['address']}:{i['port']}",
+                i["version"] or "-",
+                i["zone"] or "-",
+                "yes" if i["healthy"] else "no",
+                f"{i['expires_in']:.0f}s",
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mesh_middleware.demo import run_demo
 
     return run_demo(duration=args.duration)
+
+
+def _registry_option(parser: argparse.ArgumentParser) -> None:
+    import os
+
+    parser.add_argument(
+        "--registry",
+        default=os.environ.get("MESH_REGISTRY_URL", "http://127.0.0.1:7400"),
+        metavar="URL",
+        help="default $MESH_REGISTRY_URL or http://127.0.0.1:7400",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +213,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     explain.set_defaults(run=_policy_explain)
+
+    registry = commands.add_parser("registry", help="run the registry service")
+    registry.add_argument("--host", default="127.0.0.1")
+    registry.add_argument("--port", type=int, default=7400)
+    registry.add_argument(
+        "--store", default=None, metavar="URL", help="sqlite:///PATH (default: in --data-dir)"
+    )
+    registry.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="default $MESH_REGISTRY_DATA or ~/.local/state/mesh-registry",
+    )
+    registry.add_argument(
+        "--dev", action="store_true", help="accept any service without a join token (demos only)"
+    )
+    registry.add_argument("--trust-domain", default="mesh.local")
+    registry.set_defaults(run=_registry)
+
+    token = commands.add_parser("token", help="join tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create", help="create a join token for a service (shown once)"
+    )
+    create.add_argument("service", metavar="SERVICE")
+    _registry_option(create)
+    create.add_argument(
+        "--admin-token",
+        default=None,
+        help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
+    )
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(run=_token_create)
+
+    services = commands.add_parser("services", help="list registered services")
+    _registry_option(services)
+    services.add_argument("--json", action="store_true")
+    services.set_defaults(run=_services)
+
+    instances = commands.add_parser("instances", help="list a service's instances")
+    instances.add_argument("service", metavar="SERVICE")
+    _registry_option(instances)
+    instances.add_argument("--json", action="store_true")
+    instances.set_defaults(run=_instances)
 
     demo = commands.add_parser("demo", help="run sample apps with the mesh and drive traffic")
     demo.add_argument(

@@ -1,0 +1,359 @@
+"""The registry's HTTP API (docs/registry-api.md): handlers, credentials, errors.
+
+Every answer is JSON; every refusal is ``{"error", "reason"}`` with a 4xx status. A failure of
+the store is a 503. Nothing answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh_middleware.policy.durations import parse_duration
+from mesh_middleware.registry import metrics, settings
+from mesh_middleware.registry.catalog import Catalog, TooManyWatches
+from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
+from mesh_middleware.registry.models import (
+    INSTANCE_ID,
+    SERVICE_NAME,
+    JoinTokenRequest,
+    Registration,
+    TokenRequest,
+)
+from mesh_middleware.registry.store import InstanceRecord
+
+__all__ = ["ApiError", "RegistryState", "routes"]
+
+log = structlog.get_logger("mesh.registry")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ApiError(Exception):
+    """A refusal with its status, code and reason."""
+
+    def __init__(self, status: int, error: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.error = error
+        self.reason = reason
+
+
+@dataclass
+class RegistryState:
+    """Everything the handlers work on."""
+
+    catalog: Catalog
+    keys: KeyRing
+    join_tokens: JoinTokens
+    admin: AdminToken
+    dev: bool
+    store_url: str
+
+
+def _state(request: Request) -> RegistryState:
+    state: RegistryState = request.app.state.registry
+    return state
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthenticated", "expected 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+def _require_admin(request: Request) -> None:
+    token = _bearer(request)
+    if token is None:
+        raise ApiError(401, "unauthenticated", "the admin token is required")
+    if not _state(request).admin.matches(token):
+        raise ApiError(401, "unauthenticated", "not the admin token")
+
+
+def _caller_service(request: Request, *, dev_service: str | None) -> str:
+    """The service a request acts for: its join token's, the admin's choice, or (dev) any."""
+    state = _state(request)
+    token = _bearer(request)
+    if token is None:
+        if state.dev and dev_service is not None:
+            return dev_service
+        raise ApiError(401, "unauthenticated", "a join token is required")
+    if dev_service is not None and state.admin.matches(token):
+        return dev_service
+    service = state.join_tokens.service_of(token)
+    if service is None:
+        raise ApiError(401, "unauthenticated", "unknown or revoked join token")
+    return service
+
+
+async def _json_body(request: Request) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > settings.MAX_BODY_BYTES):
+        raise ApiError(413, "too_large", f"bodies are limited to {settings.MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > settings.MAX_BODY_BYTES:
+            raise ApiError(
+                413, "too_large", f"bodies are limited to {settings.MAX_BODY_BYTES} bytes"
+            )
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+
+
+def _validated(model: Any, data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, "bad_request", f"{where}: {first['msg']}") from None
+
+
+def _path_name(request: Request, key: str, pattern: Any, what: str) -> str:
+    value = str(request.path_params[key])
+    if not pattern.match(value):
+        raise ApiError(400, "bad_request", f"{value!r} is not a valid {what}")
+    return value
+
+
+# -- catalog ---------------------------------------------------------------------------------
+
+
+async def register(request: Request) -> Response:
+    service = _path_name(request, "service", SERVICE_NAME, "service name")
+    instance_id = _path_name(request, "instance_id", INSTANCE_ID, "instance id")
+    body: Registration = _validated(Registration, await _json_body(request))
+    acting = _caller_service(request, dev_service=service)
+    if acting != service:
+        raise ApiError(403, "forbidden", f"this join token is for {acting!r}, not {service!r}")
+    record = InstanceRecord(
+        service=service,
+        instance_id=instance_id,
+        address=body.address,
+        port=body.port,
+        version=body.version,
+        zone=body.zone,
+        metadata=dict(body.metadata),
+        ttl=float(body.ttl),
+        check=body.check.model_dump() if body.check else None,
+        modify_index=0,
+    )
+    catalog = _state(request).catalog
+    instance, changed = catalog.register(record)
+    if changed:
+        log.info("instance_registered", service=service, instance=instance_id)
+    return _json({"instance": instance.view(time.monotonic()), "index": catalog.index})
+
+
+async def deregister(request: Request) -> Response:
+    service = _path_name(request, "service", SERVICE_NAME, "service name")
+    instance_id = _path_name(request, "instance_id", INSTANCE_ID, "instance id")
+    state = _state(request)
+    token = _bearer(request)
+    if not (token is not None and state.admin.matches(token)):
+        acting = _caller_service(request, dev_service=service)
+        if acting != service:
+            raise ApiError(403, "forbidden", f"this join token is for {acting!r}, not {service!r}")
+    if not state.catalog.deregister(service, instance_id):
+        raise ApiError(404, "not_found", f"no instance {instance_id!r} of {service!r}")
+    return _json({"index": state.catalog.index})
+
+
+async def list_services(request: Request) -> Response:
+    catalog = _state(request).catalog
+    return _json({"index": catalog.index, "services": catalog.services()}, index=catalog.index)
+
+
+async def service_instances(request: Request) -> Response:
+    service = _path_name(request, "service", SERVICE_NAME, "service name")
+    catalog = _state(request).catalog
+    query = request.query_params
+    healthy_only = _flag(query.get("healthy"))
+    raw_index = query.get("index")
+    if raw_index is not None:
+        if not raw_index.isdigit() or len(raw_index) > 18:
+            raise ApiError(400, "bad_request", "index must be a non-negative integer")
+        wait = _wait(query.get("wait"))
+        try:
+            await catalog.wait_for_change(service, int(raw_index), wait)
+        except TooManyWatches:
+            raise ApiError(503, "busy", "too many services are being watched") from None
+    index = catalog.service_index(service)
+    body = {
+        "service": service,
+        "index": index,
+        "instances": catalog.instances(service, healthy_only=healthy_only),
+    }
+    return _json(body, index=index)
+
+
+def _flag(value: str | None) -> bool:
+    if value is None:
+        return False
+    if value.lower() in {"1", "true", "yes", ""}:
+        return True
+    if value.lower() in {"0", "false", "no"}:
+        return False
+    raise ApiError(400, "bad_request", "healthy must be true or false")
+
+
+def _wait(value: str | None) -> float:
+    if value is None:
+        return settings.DEFAULT_WAIT
+    try:
+        seconds = float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value)
+    except ValueError:
+        raise ApiError(400, "bad_request", "wait must be a duration like '30s'") from None
+    return min(max(seconds, 0.0), settings.MAX_WAIT)
+
+
+# -- identity --------------------------------------------------------------------------------
+
+
+async def trust(request: Request) -> Response:
+    keys = _state(request).keys
+    return _json(
+        {
+            "trust_domain": keys.trust_domain,
+            "issuer": keys.issuer,
+            "jwks_uri": "/v1/identity/jwks",
+            "token_lifetime": keys.token_lifetime,
+        }
+    )
+
+
+async def jwks(request: Request) -> Response:
+    return _json(_state(request).keys.jwks())
+
+
+async def issue_token(request: Request) -> Response:
+    body: TokenRequest = _validated(TokenRequest, await _json_body(request))
+    state = _state(request)
+    if body.service is not None and not state.dev and _bearer(request) is None:
+        raise ApiError(401, "unauthenticated", "a join token is required")
+    service = _caller_service(request, dev_service=body.service)
+    token, expires_at = state.keys.mint(service, body.audience)
+    metrics.TOKENS_ISSUED.labels(service).inc()
+    return _json(
+        {"token": token, "expires_at": expires_at, "service": service, "audience": body.audience}
+    )
+
+
+# -- administration --------------------------------------------------------------------------
+
+
+async def create_join_token(request: Request) -> Response:
+    _require_admin(request)
+    body: JoinTokenRequest = _validated(JoinTokenRequest, await _json_body(request))
+    token, record = _state(request).join_tokens.create(body.service)
+    log.info("join_token_created", service=body.service, id=record.token_id)
+    return _json({"token": token, "id": record.token_id, "service": body.service}, status=201)
+
+
+async def list_join_tokens(request: Request) -> Response:
+    _require_admin(request)
+    tokens = _state(request).join_tokens.list()
+    return _json(
+        {
+            "join_tokens": [
+                {"id": t.token_id, "service": t.service, "created_at": t.created_at} for t in tokens
+            ]
+        }
+    )
+
+
+async def revoke_join_token(request: Request) -> Response:
+    _require_admin(request)
+    token_id = str(request.path_params["token_id"])
+    if not _state(request).join_tokens.revoke(token_id):
+        raise ApiError(404, "not_found", f"no join token {token_id!r}")
+    return _json({"revoked": token_id})
+
+
+async def rotate_keys(request: Request) -> Response:
+    _require_admin(request)
+    record = _state(request).keys.rotate()
+    return _json({"kid": record.kid, "signs_from": record.activate_at})
+
+
+# -- operations ------------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    state = _state(request)
+    body: dict[str, Any] = {
+        "ok": True,
+        "dev_mode": state.dev,
+        "store": state.store_url,
+        "index": state.catalog.index,
+        "instances": state.catalog.count(),
+    }
+    if state.dev:
+        body["warning"] = "DEV MODE: any caller may register and get tokens for any service"
+    return _json(body)
+
+
+def _json(body: Any, *, status: int = 200, index: int | None = None) -> JSONResponse:
+    headers = {"x-mesh-index": str(index)} if index is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _guarded(name: str, handler: Handler) -> Handler:
+    async def run(request: Request) -> Response:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = JSONResponse({"error": exc.error, "reason": exc.reason}, exc.status)
+        except OSError as exc:  # the store's disk
+            log.error("store_failed", route=name, error=str(exc))
+            response = JSONResponse({"error": "unavailable", "reason": "the store failed"}, 503)
+        except Exception:
+            log.exception("handler_failed", route=name)
+            response = JSONResponse({"error": "unavailable", "reason": "internal failure"}, 503)
+        metrics.REQUESTS.labels(name, str(response.status_code)).inc()
+        return response
+
+    return run
+
+
+def routes() -> list[Route]:
+    """Every API route, each wrapped so that refusals and failures become JSON answers."""
+    table: list[tuple[str, Handler, list[str], str]] = [
+        ("/v1/catalog/services", list_services, ["GET"], "services"),
+        ("/v1/catalog/services/{service}", service_instances, ["GET"], "instances"),
+        ("/v1/catalog/services/{service}/instances/{instance_id}", register, ["PUT"], "register"),
+        (
+            "/v1/catalog/services/{service}/instances/{instance_id}",
+            deregister,
+            ["DELETE"],
+            "deregister",
+        ),
+        ("/v1/identity/trust", trust, ["GET"], "trust"),
+        ("/v1/identity/jwks", jwks, ["GET"], "jwks"),
+        ("/v1/identity/token", issue_token, ["POST"], "token"),
+        ("/v1/admin/join-tokens", create_join_token, ["POST"], "join_token_create"),
+        ("/v1/admin/join-tokens", list_join_tokens, ["GET"], "join_token_list"),
+        ("/v1/admin/join-tokens/{token_id}", revoke_join_token, ["DELETE"], "join_token_revoke"),
+        ("/v1/admin/keys/rotate", rotate_keys, ["POST"], "rotate"),
+        ("/healthz", healthz, ["GET"], "healthz"),
+    ]
+    return [
+        Route(path, _guarded(name, handler), methods=methods, name=name)
+        for path, handler, methods, name in table
+    ]

@@ -1,0 +1,93 @@
+"""The registry as an ASGI app: state, background maintenance, and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh_middleware.registry import metrics, settings
+from mesh_middleware.registry.api import RegistryState, routes
+from mesh_middleware.registry.catalog import Catalog
+from mesh_middleware.registry.health import HealthChecker
+from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
+from mesh_middleware.registry.openapi import openapi_document
+from mesh_middleware.registry.settings import RegistrySettings
+from mesh_middleware.registry.store import open_store
+
+__all__ = ["create_registry_app"]
+
+log = structlog.get_logger("mesh.registry")
+
+
+def create_registry_app(config: RegistrySettings) -> Starlette:
+    """Open the store, load the state, and return the app (its lifespan runs maintenance)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(config.store)
+    state = RegistryState(
+        catalog=Catalog(store),
+        keys=KeyRing(
+            store,
+            trust_domain=config.trust_domain,
+            issuer=config.issuer,
+            token_lifetime=config.token_lifetime,
+            publish_lead=config.key_publish_lead,
+            rotation=config.key_rotation,
+        ),
+        join_tokens=JoinTokens(store),
+        admin=AdminToken(config.data_dir / "admin.token"),
+        dev=config.dev,
+        store_url=store.url,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        checker = HealthChecker(state.catalog)
+        task = asyncio.create_task(_maintain(state, checker))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await checker.close()
+            store.close()
+
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(
+        routes=[
+            *routes(),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.registry = state
+    return app
+
+
+async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
+    """Expire leases, run health checks, retire and rotate keys; never stops on a failure."""
+    ticks = 0
+    while True:
+        await asyncio.sleep(settings.SWEEP_SECONDS)
+        ticks += 1
+        try:
+            state.catalog.expire()
+            await checker.tick()
+            if ticks % 20 == 0:
+                state.keys.maintain()
+        except Exception:
+            log.exception("maintenance_failed")

@@ -1,0 +1,104 @@
+"""Request bodies of the registry API: validated with pydantic, described in its OpenAPI."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
+from mesh_middleware.registry import settings
+
+__all__ = [
+    "INSTANCE_ID",
+    "SERVICE_NAME",
+    "HealthCheck",
+    "JoinTokenRequest",
+    "Registration",
+    "TokenRequest",
+]
+
+SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+
+
+def _service(value: str) -> str:
+    if not SERVICE_NAME.match(value):
+        raise ValueError("not a service name (lowercase letters, digits and '-', at most 63)")
+    return value
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS.match(value):
+        raise ValueError("not a host name or IP address")
+    return value
+
+
+def _seconds(low: float, high: float) -> Any:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError("expected a duration like '15s'")
+        seconds = parse_duration(value) if isinstance(value, str) else float(value)
+        if not low <= seconds <= high:
+            raise ValueError(f"must be between {low:g}s and {high:g}s")
+        return seconds
+
+    return check
+
+
+def _duration(low: float, high: float, default: str) -> Any:
+    return Annotated[
+        float,
+        BeforeValidator(_seconds(low, high)),
+        WithJsonSchema(
+            {"type": "string", "pattern": DURATION_PATTERN, "default": default},
+            mode="validation",
+        ),
+    ]
+
+
+ServiceName = Annotated[str, AfterValidator(_service)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class HealthCheck(_Body):
+    """An active HTTP check the registry runs against the instance."""
+
+    http: Annotated[str, Field(pattern=r"^/[!-~]{0,255}$")]
+    interval: _duration(1, 300, "10s") = 10.0  # type: ignore[valid-type]
+    timeout: _duration(0.1, 60, "1s") = 1.0  # type: ignore[valid-type]
+    failures_before_unhealthy: Annotated[int, Field(ge=1, le=10)] = 3
+    successes_before_healthy: Annotated[int, Field(ge=1, le=10)] = 1
+
+
+class Registration(_Body):
+    """Register (or renew) one instance of a service."""
+
+    address: Annotated[str, AfterValidator(_address)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    version: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    zone: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    metadata: Annotated[
+        dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=512)]],
+        Field(max_length=64),
+    ] = Field(default_factory=dict)
+    ttl: _duration(settings.MIN_TTL, settings.MAX_TTL, "30s") = settings.DEFAULT_TTL  # type: ignore[valid-type]
+    check: HealthCheck | None = None
+
+
+class TokenRequest(_Body):
+    """Ask for a JWT-SVID naming ``audience``; ``service`` only in dev mode (no join token)."""
+
+    audience: ServiceName
+    service: ServiceName | None = None
+
+
+class JoinTokenRequest(_Body):
+    """Create a join token for ``service``."""
+
+    service: ServiceName

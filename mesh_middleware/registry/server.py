@@ -1,0 +1,49 @@
+"""``mesh registry``: run the registry under uvicorn."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from mesh_middleware.registry.app import create_registry_app
+from mesh_middleware.registry.settings import RegistrySettings
+
+__all__ = ["serve"]
+
+_DEV_BANNER = """\
+************************************************************************
+*  mesh registry is in DEV MODE: any caller may register any service   *
+*  and obtain identity tokens for it. Never use --dev outside a demo.  *
+************************************************************************"""
+
+
+def serve(config: RegistrySettings) -> int:
+    """Serve until interrupted; return the exit status."""
+    app = create_registry_app(config)
+    state = app.state.registry
+    out = sys.stderr
+    if state.admin.created:
+        print(
+            f"mesh registry: created the admin token (shown once, kept in {state.admin.path}):\n"
+            f"  {state.admin.token_shown_once}\n"
+            "  management calls (mesh token create) need it: MESH_ADMIN_TOKEN or --admin-token",
+            file=out,
+        )
+    if config.dev:
+        print(_DEV_BANNER, file=out)
+    print(
+        f"mesh registry: http://{config.host}:{config.port}  store {state.store_url}"
+        f"  trust domain {config.trust_domain}",
+        file=out,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0

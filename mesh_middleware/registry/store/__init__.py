@@ -1,0 +1,6 @@
+"""Where the registry keeps what it acknowledged: an interface and its SQLite implementation."""
+
+from mesh_middleware.registry.store.base import InstanceRecord, JoinTokenRecord, KeyRecord, Store
+from mesh_middleware.registry.store.sqlite import SQLiteStore, open_store
+
+__all__ = ["InstanceRecord", "JoinTokenRecord", "KeyRecord", "SQLiteStore", "Store", "open_store"]

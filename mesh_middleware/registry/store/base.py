@@ -1,0 +1,75 @@
+"""The store interface the catalog and the issuer write through.
+
+Each call is durable when it returns: the API acknowledges a registration only after its
+``put_instance`` returned. Leases are not stored (an instance's lease starts afresh when a
+registry loads it), so renewals that change nothing never touch the store. A replicated store
+(etcd) implements the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["InstanceRecord", "JoinTokenRecord", "KeyRecord", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One registered instance, as stored."""
+
+    service: str
+    instance_id: str
+    address: str
+    port: int
+    version: str | None
+    zone: str | None
+    metadata: dict[str, str]
+    ttl: float
+    check: dict[str, Any] | None
+    modify_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinTokenRecord:
+    """A join token: its public id, its service, and the SHA-256 of its secret."""
+
+    token_id: str
+    service: str
+    secret_hash: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A signing key: published from creation, signs from ``activate_at``, gone at ``retire_at``."""
+
+    kid: str
+    private_jwk: dict[str, Any]
+    created_at: float
+    activate_at: float
+    retire_at: float | None
+
+
+class Store(Protocol):
+    """What the registry needs from its storage."""
+
+    url: str
+
+    def load_instances(self) -> list[InstanceRecord]: ...
+    def put_instance(self, record: InstanceRecord) -> None:
+        """Store an instance and, in the same transaction, its ``modify_index`` as the index."""
+        ...
+
+    def delete_instance(self, service: str, instance_id: str, index: int) -> None:
+        """Remove an instance and record ``index`` in the same transaction."""
+        ...
+
+    def load_index(self) -> int: ...
+    def load_join_tokens(self) -> list[JoinTokenRecord]: ...
+    def put_join_token(self, record: JoinTokenRecord) -> None: ...
+    def delete_join_token(self, token_id: str) -> None: ...
+    def load_keys(self) -> list[KeyRecord]: ...
+    def put_key(self, record: KeyRecord) -> None: ...
+    def delete_key(self, kid: str) -> None: ...
+    def close(self) -> None: ...
