@@ -13,7 +13,12 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "MAX_TOKEN_LIFETIME_SECONDS",
     "POLICY_POLL_SECONDS",
+    "REGISTRATION_TTL",
+    "REGISTRY_BACKOFF_CAP_SECONDS",
+    "REGISTRY_BACKOFF_SECONDS",
+    "REGISTRY_TIMEOUT_SECONDS",
     "TOKEN_CACHE_SIZE",
+    "TOKEN_FETCH_WAIT_SECONDS",
     "TOKEN_LIFETIME_SECONDS",
     "UNKNOWN_KID_WAIT_SECONDS",
     "default_issuer",
@@ -57,6 +62,21 @@ MAX_JWKS_BYTES = 256 * 1024
 
 POLICY_POLL_SECONDS = 0.5
 """How often the policy file is checked for changes (changes apply within 2 s)."""
+
+REGISTRY_TIMEOUT_SECONDS = 2.0
+"""Timeout of each phase (connect, send, read) of one call to the registry."""
+
+REGISTRATION_TTL = "15s"
+"""The lease an instance asks for; it renews every third of it (jittered)."""
+
+REGISTRY_BACKOFF_SECONDS = 0.5
+"""First retry delay after a failed registry call; doubles per failure (jittered)."""
+
+REGISTRY_BACKOFF_CAP_SECONDS = 10.0
+"""Longest delay between retries while the registry is unreachable."""
+
+TOKEN_FETCH_WAIT_SECONDS = 1.0
+"""How long a caller of ``Mesh.identity_token`` may wait for a token that is not cached yet."""
 
 
 def default_issuer(trust_domain: str) -> str:
