@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 __all__ = [
     "AUTHORIZATION_DENIALS",
     "FAULTS_INJECTED",
     "POLICY_RELOADS",
+    "REGISTRY_CALLS",
+    "REGISTRY_CONNECTED",
+    "REGISTRY_STALE_SECONDS",
     "count_denial",
     "count_fault",
+    "count_registry_call",
     "count_reload",
+    "set_registry_state",
 ]
 
 POLICY_RELOADS = Counter(
@@ -30,6 +35,33 @@ FAULTS_INJECTED = Counter(
     "Faults injected into inbound requests, by fault and kind (delay, abort).",
     ["service", "fault", "kind"],
 )
+
+REGISTRY_CONNECTED = Gauge(
+    "mesh_registry_connected",
+    "1 while the last call to the registry succeeded, 0 while it is unreachable.",
+    ["service"],
+)
+
+REGISTRY_STALE_SECONDS = Gauge(
+    "mesh_registry_stale_seconds",
+    "Seconds since the registry last answered, while it is unreachable (0 when connected).",
+    ["service"],
+)
+
+REGISTRY_CALLS = Counter(
+    "mesh_registry_calls",
+    "Calls from this process to the registry, by operation and result (ok, refused, unavailable).",
+    ["service", "operation", "result"],
+)
+
+
+def set_registry_state(service: str, connected: bool, stale_seconds: float) -> None:
+    REGISTRY_CONNECTED.labels(service).set(1 if connected else 0)
+    REGISTRY_STALE_SECONDS.labels(service).set(stale_seconds)
+
+
+def count_registry_call(service: str, operation: str, result: str) -> None:
+    REGISTRY_CALLS.labels(service, operation, result).inc()
 
 
 def count_reload(service: str, ok: bool) -> None:

@@ -1,0 +1,214 @@
+"""The calls the runtime makes to the registry (docs/registry-api.md), with explicit timeouts.
+
+Only the background thread and on-demand token fetches use it; never a request being served.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from mesh_middleware import defaults
+from mesh_middleware._version import __version__
+
+__all__ = [
+    "IssuedToken",
+    "RegistryClient",
+    "RegistryError",
+    "RegistryRefused",
+    "RegistryUnavailable",
+    "TrustBundle",
+]
+
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+
+
+class RegistryError(Exception):
+    """A registry call did not succeed."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached, timed out, failed (5xx) or answered nonsense."""
+
+
+class RegistryRefused(RegistryError):
+    """The registry answered and said no (4xx): a configuration problem, not an outage."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TrustBundle:
+    """What the registry says about the trust domain it issues identities for."""
+
+    trust_domain: str
+    issuer: str
+    jwks_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A JWT-SVID and how long it lives (``lifetime`` from its own ``iat``/``exp`` claims)."""
+
+    token: str
+    audience: str
+    expires_at: float
+    lifetime: float
+
+
+class RegistryClient:
+    """Synchronous, thread-safe calls to one registry, authenticated by the join token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        join_token: str | None = None,
+        *,
+        timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"registry URL must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.join_token = join_token or None
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        ref = weakref.ref(self)
+
+        def forget_in_child() -> None:
+            # Pooled connections belong to the parent; a child opens its own.
+            client = ref()
+            if client is not None:
+                client._lock = threading.Lock()
+                client._client = None
+
+        os.register_at_fork(after_in_child=forget_in_child)
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                headers = {"user-agent": f"mesh-middleware/{__version__}"}
+                if self.join_token:
+                    headers["authorization"] = f"Bearer {self.join_token}"
+                self._client = httpx.Client(
+                    timeout=self.timeout, headers=headers, follow_redirects=False
+                )
+            return self._client
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _call(
+        self, method: str, path: str, *, body: Any = None, timeout: float | None = None
+    ) -> tuple[int, Any]:
+        try:
+            response = self._http().request(
+                method,
+                self.base_url + path,
+                json=body,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        try:
+            answer = response.json() if response.content else None
+        except ValueError:
+            answer = None
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise RegistryUnavailable(f"{method} {path}: {status} {_reason(answer)}")
+        if status >= 400 and status != 404:
+            raise RegistryRefused(status, _reason(answer))
+        return status, answer
+
+    def trust(self) -> TrustBundle:
+        """``GET /v1/identity/trust``: the trust domain, issuer and JWKS location."""
+        _, answer = self._ok("GET", "/v1/identity/trust")
+        if not isinstance(answer, dict):
+            raise RegistryUnavailable("trust: the answer is not an object")
+        domain, issuer, jwks_uri = (answer.get(k) for k in ("trust_domain", "issuer", "jwks_uri"))
+        if not isinstance(domain, str) or not _TRUST_DOMAIN.match(domain):
+            raise RegistryUnavailable(f"trust: invalid trust_domain {domain!r}")
+        if not isinstance(issuer, str) or not issuer:
+            raise RegistryUnavailable(f"trust: invalid issuer {issuer!r}")
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise RegistryUnavailable(f"trust: invalid jwks_uri {jwks_uri!r}")
+        if jwks_uri.startswith("/"):
+            jwks_url = self.base_url + jwks_uri  # keeps a path prefix (a registry behind a proxy)
+        elif jwks_uri.startswith(("http://", "https://")):
+            jwks_url = jwks_uri
+        else:
+            raise RegistryUnavailable(f"trust: jwks_uri {jwks_uri!r} is neither a path nor a URL")
+        return TrustBundle(domain, issuer, jwks_url)
+
+    def register(self, service: str, instance: str, body: dict[str, Any]) -> None:
+        """``PUT`` the instance: registers it, or renews its lease (idempotent)."""
+        self._ok("PUT", _instance_path(service, instance), body=body)
+
+    def deregister(self, service: str, instance: str) -> bool:
+        """``DELETE`` the instance; ``False`` if the registry did not know it."""
+        status, _ = self._call("DELETE", _instance_path(service, instance))
+        return status != 404
+
+    def token(self, service: str, audience: str, *, timeout: float | None = None) -> IssuedToken:
+        """``POST /v1/identity/token``: a JWT-SVID for calling ``audience``."""
+        body: dict[str, str] = {"audience": audience}
+        if not self.join_token:
+            body["service"] = service  # dev-mode registries take the service from the body
+        _, answer = self._ok("POST", "/v1/identity/token", body=body, timeout=timeout)
+        if not isinstance(answer, dict):
+            raise RegistryUnavailable("token: the answer is not an object")
+        token, expires_at = answer.get("token"), answer.get("expires_at")
+        if not isinstance(token, str) or not token or not isinstance(expires_at, int | float):
+            raise RegistryUnavailable("token: the answer lacks token or expires_at")
+        return IssuedToken(token, audience, float(expires_at), _lifetime(token, expires_at))
+
+    def _ok(
+        self, method: str, path: str, *, body: Any = None, timeout: float | None = None
+    ) -> tuple[int, Any]:
+        status, answer = self._call(method, path, body=body, timeout=timeout)
+        if status == 404:
+            raise RegistryRefused(status, _reason(answer))
+        return status, answer
+
+
+def _instance_path(service: str, instance: str) -> str:
+    return f"/v1/catalog/services/{quote(service, safe='')}/instances/{quote(instance, safe='')}"
+
+
+def _reason(answer: Any) -> str:
+    if isinstance(answer, dict):
+        reason = answer.get("reason") or answer.get("error")
+        if isinstance(reason, str):
+            return reason[:300]
+    return "no reason given"
+
+
+def _lifetime(token: str, expires_at: float) -> float:
+    """How long a token lives, from its own claims, so a skewed local clock does not matter."""
+    try:
+        segment = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        lifetime = float(claims["exp"]) - float(claims["iat"])
+        if lifetime > 0:
+            return lifetime
+    except (IndexError, KeyError, TypeError, ValueError):
+        pass
+    return max(float(expires_at) - time.time(), 0.0)
