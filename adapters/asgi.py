@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -12,7 +13,7 @@ from urllib.parse import quote, unquote
 
 import anyio
 import anyio.to_thread
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh_middleware import defaults
 from mesh_middleware.errors import RepeatedHeader
@@ -97,6 +98,14 @@ async def _wait_for(future: Future[bool], seconds: float) -> None:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), seconds)
 
 
+def _framework(app: object) -> str:
+    """The app's framework, as reported in the instance's registry metadata."""
+    if "fastapi" in sys.modules:
+        return "fastapi"
+    module = getattr(app, "__module__", None) or type(app).__module__
+    return str(module).split(".")[0] or "asgi"
+
+
 class MeshMiddleware:
     """Verifies callers, authorizes them against the policy and injects faults.
 
@@ -104,8 +113,13 @@ class MeshMiddleware:
     >>> app.add_middleware(MeshMiddleware, policy="policy.yaml", jwks="jwks.json")  # doctest: +SKIP
 
     The verified caller is at ``request.scope["mesh.caller"]`` (``None`` when anonymous).
-    Lifespan and other non-HTTP scopes pass straight through; websocket handshakes are
-    authorized like requests, and a refused one never reaches the app.
+    Websocket handshakes are authorized like requests, and a refused one never reaches the app.
+
+    With a registry, the lifespan starts and stops the Mesh's registry work: :meth:`Mesh.start`
+    once the app reports its startup complete (an app that failed to start is never
+    registered), :meth:`Mesh.stop` (deregistration) when the server announces shutdown, before
+    the app tears down. The lifespan messages reach the app unchanged. A server without
+    lifespan starts the Mesh at the first request instead.
     """
 
     def __init__(
@@ -130,12 +144,22 @@ class MeshMiddleware:
             watch=watch,
         )
         self._engine = self.mesh.inbound
+        self._with_registry = self.mesh.registry_url is not None
+        self._first_request = self._with_registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
-            await self.app(scope, receive, send)
+            if kind == "lifespan" and self._with_registry:
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
+        if self._first_request:
+            self._first_request = False
+            self.mesh.start(_framework(self.app))  # quick: the work is in the background
+            server = scope.get("server") or (None, None)
+            self.mesh.note_server_address(server[0], server[1])
         token: str | None = None
         duplicate = False
         raw_headers = scope["headers"]
@@ -170,6 +194,24 @@ class MeshMiddleware:
             scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
         scope[CALLER_SCOPE_KEY] = admission.caller
         await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mesh = self.mesh
+        framework = _framework(self.app)
+
+        async def receive_and_stop() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                # Deregister before the app tears down; the registry call blocks briefly.
+                await anyio.to_thread.run_sync(mesh.stop)
+            return message
+
+        async def send_and_start(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                mesh.start(framework)
+            await send(message)
+
+        await self.app(scope, receive_and_stop, send_and_start)
 
     async def _admit_after_refetch(
         self,

@@ -72,12 +72,22 @@ def _raw_path(environ: WSGIEnviron) -> str:
     return quote(path_info.encode("latin-1"), _SAFE_PATH_CHARS)
 
 
+def _framework(app: object) -> str:
+    """The app's framework (``flask`` for ``flask_app.wsgi_app``), for registry metadata."""
+    owner = getattr(app, "__self__", app)
+    module = type(owner).__module__ if owner is not app else getattr(app, "__module__", None)
+    return str(module or type(app).__module__).split(".")[0] or "wsgi"
+
+
 class MeshWSGIMiddleware:
     """Verifies callers, authorizes them against the policy and injects faults (WSGI).
 
     >>> flask_app.wsgi_app = MeshWSGIMiddleware(flask_app.wsgi_app, mesh=mesh)  # doctest: +SKIP
 
     The verified caller is at ``request.environ["mesh.caller"]`` (``None`` when anonymous).
+    With a registry, wrapping the app starts the Mesh's registry work (gunicorn workers each
+    run their own: the background thread restarts after ``fork``), and the instance is
+    deregistered when the process exits cleanly.
     """
 
     def __init__(
@@ -102,8 +112,19 @@ class MeshWSGIMiddleware:
             watch=watch,
         )
         self._engine = self.mesh.inbound
+        # WSGI has no startup hook. The registry work starts now — an app is wrapped when a
+        # server loads it, and an instance must appear before its first request, since no
+        # caller finds it until then — and again (idempotently) at the first request in each
+        # process, which also reports the address the server answers on.
+        self._first_request = self.mesh.registry_url is not None
+        if self._first_request:
+            self.mesh.start(_framework(app))
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        if self._first_request:
+            self._first_request = False
+            self.mesh.start(_framework(self.app))  # quick and idempotent; deregisters at exit
+            self.mesh.note_server_address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
         token = environ.get("HTTP_X_MESH_IDENTITY")
         raw_path = _raw_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")

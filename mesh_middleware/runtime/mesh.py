@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,13 @@ from mesh_middleware.identity.spiffe import service_id
 from mesh_middleware.identity.verifier import TokenVerifier
 from mesh_middleware.inbound.engine import InboundEngine
 from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
+from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
 from mesh_middleware.runtime.policy_watch import PolicyFileWatch
+from mesh_middleware.runtime.registration import Registration
+from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
+from mesh_middleware.runtime.registry_link import RegistryLink
+from mesh_middleware.runtime.tokens import TokenCache
 
 __all__ = ["Mesh", "resolve_mesh"]
 
@@ -26,12 +34,22 @@ log = structlog.get_logger("mesh.runtime")
 class Mesh:
     """The mesh inside one process: its policy, its identity checks, its background work.
 
-    >>> mesh = Mesh("policy.yaml", jwks="jwks.json")  # doctest: +SKIP
+    >>> mesh = Mesh("policy.yaml", registry_url="http://127.0.0.1:7400")  # doctest: +SKIP
     >>> app.add_middleware(MeshMiddleware, mesh=mesh)  # doctest: +SKIP
 
-    ``policy`` is a policy file (hot-reloaded) or an already compiled policy. ``jwks`` is a
-    JWKS file or URL holding the trust domain's verification keys; without one, no identity
-    can be verified, so a strict policy answers 401 to everything but public paths.
+    ``policy`` is a policy file (hot-reloaded) or an already compiled policy.
+
+    With ``registry_url`` the Mesh learns its trust domain, issuer and verification keys from
+    the registry, and — once :meth:`start` is called (the middlewares do it: ASGI lifespan
+    startup, or the first WSGI request) — registers this instance, renews its lease, and
+    fetches and renews identity tokens, all in one background thread (see docs/runtime.md).
+    ``join_token`` authenticates it (omit it for a ``--dev`` registry); ``advertise``
+    (``host:port``) overrides the address found from the process's listening socket.
+
+    Without a registry it runs standalone: ``jwks`` is a JWKS file or URL holding the trust
+    domain's verification keys; without one, no identity can be verified, so a strict policy
+    answers 401 to everything but public paths. Given with a registry, ``jwks``, ``issuer``
+    and ``trust_domain`` take precedence over what the registry says.
     """
 
     def __init__(
@@ -40,40 +58,88 @@ class Mesh:
         *,
         jwks: str | Path | None = None,
         issuer: str | None = None,
-        trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN,
+        trust_domain: str | None = None,
         watch: bool = True,
         poll_interval: float = defaults.POLICY_POLL_SECONDS,
+        registry_url: str | None = None,
+        join_token: str | None = None,
+        advertise: str | None = None,
+        registration_ttl: str = defaults.REGISTRATION_TTL,
+        registry_timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
     ) -> None:
         if isinstance(policy, CompiledPolicy):
             compiled, self.policy_file = policy, None
         else:
             self.policy_file = Path(policy)
             compiled = compile_policy_file(self.policy_file)  # fail closed: no policy, no app
-        self.trust_domain = trust_domain
+        self.trust_domain = trust_domain or defaults.DEFAULT_TRUST_DOMAIN
+        self._trust_domain_pinned = trust_domain is not None
+        self._issuer_pinned = issuer is not None
+        self.registry_url = registry_url or None
+        self._keys_from_registry = self.registry_url is not None and jwks is None
         self._install(compiled)
         self.keys = KeyStore(jwks)
         keys_loaded = jwks is not None and self.keys.refresh()
         if jwks is not None and not keys_loaded:
             log.warning("jwks_unavailable_at_start", source=str(jwks), error=self.keys.last_error)
-        self.verifier = TokenVerifier(self.keys, trust_domain=trust_domain, issuer=issuer)
+        self.verifier = TokenVerifier(self.keys, trust_domain=self.trust_domain, issuer=issuer)
         self.inbound = InboundEngine(self._current, self.verifier)
-        if jwks is None and compiled.strict:
+        if jwks is None and compiled.strict and self.registry_url is None:
             log.warning(
                 "no_jwks_configured",
                 service=compiled.service,
                 effect="strict authentication will answer 401 to every non-public request",
             )
+        self._watch_policy = watch
         self._watch = (
             PolicyFileWatch(self.policy_file, self._install, lambda: self.service)
             if self.policy_file
             else None
         )
         self._jwks_due = time.monotonic() + (defaults.JWKS_REFRESH_SECONDS if keys_loaded else 5.0)
-        self._loop = BackgroundLoop("mesh-background", poll_interval, self._tick) if watch else None
+        self._link: RegistryLink | None = None
+        self._lifecycle = threading.Lock()
+        self._atexit_pid: int | None = None
+        if self.registry_url is not None:
+            self._link = self._connect(
+                self.registry_url, join_token, advertise, registration_ttl, registry_timeout
+            )
+            self._link.tick()  # learn trust and keys now if the registry answers; else retry
+        self._loop = (
+            BackgroundLoop("mesh-background", poll_interval, self._tick)
+            if watch or self._link is not None
+            else None
+        )
+
+    def _connect(
+        self,
+        registry_url: str,
+        join_token: str | None,
+        advertise: str | None,
+        registration_ttl: str,
+        timeout: float,
+    ) -> RegistryLink:
+        client = RegistryClient(registry_url, join_token, timeout=timeout)
+        address = AddressFinder(parse_advertise(advertise) if advertise else None)
+        return RegistryLink(
+            client,
+            keys=self.keys,
+            keys_from_registry=self._keys_from_registry,
+            registration=Registration(client, address, ttl=registration_ttl),
+            tokens=TokenCache(
+                lambda audience, wait: client.token(self.service, audience, timeout=wait)
+            ),
+            policy=lambda: self._state[0],
+            apply_trust=self._apply_trust,
+        )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Mesh:
-        """A Mesh from ``MESH_POLICY``, ``MESH_JWKS``, ``MESH_ISSUER`` and ``MESH_TRUST_DOMAIN``."""
+        """A Mesh configured by the environment (explicit ``overrides`` win).
+
+        ``MESH_POLICY`` (required), ``MESH_REGISTRY_URL``, ``MESH_JOIN_TOKEN``,
+        ``MESH_ADVERTISE``, ``MESH_JWKS``, ``MESH_ISSUER`` and ``MESH_TRUST_DOMAIN``.
+        """
         policy = overrides.pop("policy", None) or os.environ.get("MESH_POLICY")
         if not policy:
             from mesh_middleware.errors import PolicyError, PolicyIssue
@@ -84,7 +150,10 @@ class Mesh:
         options: dict[str, Any] = {
             "jwks": os.environ.get("MESH_JWKS") or None,
             "issuer": os.environ.get("MESH_ISSUER") or None,
-            "trust_domain": os.environ.get("MESH_TRUST_DOMAIN") or defaults.DEFAULT_TRUST_DOMAIN,
+            "trust_domain": os.environ.get("MESH_TRUST_DOMAIN") or None,
+            "registry_url": os.environ.get("MESH_REGISTRY_URL") or None,
+            "join_token": os.environ.get("MESH_JOIN_TOKEN") or None,
+            "advertise": os.environ.get("MESH_ADVERTISE") or None,
         }
         options.update(overrides)
         return cls(policy, **options)
@@ -124,6 +193,116 @@ class Mesh:
         """Why the last changed policy file was rejected, or ``None`` if it was accepted."""
         return self._watch.last_error if self._watch else None
 
+    # -- the registry ------------------------------------------------------------------
+
+    @property
+    def registry_connected(self) -> bool:
+        """Whether the last call to the registry succeeded (``False`` without a registry)."""
+        return self._link is not None and self._link.connected
+
+    @property
+    def registry_stale_seconds(self) -> float:
+        """Seconds since the registry last answered while it is unreachable; 0 when connected.
+
+        Without a registry there is nothing to be stale about: always 0.
+        """
+        return self._link.stale_seconds if self._link is not None else 0.0
+
+    @property
+    def instance_id(self) -> str | None:
+        """This instance's id in the catalog once registered, else ``None``."""
+        return self._link.registration.instance_id if self._link is not None else None
+
+    def identity_token(
+        self, audience: str, *, wait: float = defaults.TOKEN_FETCH_WAIT_SECONDS
+    ) -> str | None:
+        """A JWT-SVID saying this service calls ``audience`` (a service name), or ``None``.
+
+        Cached tokens are returned at once. A token not cached yet is fetched now, waiting at
+        most about ``wait`` seconds — unless the registry is known to be down, when ``None`` is
+        returned at once and the token is fetched in the background once it is back.
+        Thread-safe; concurrent callers for one audience share one fetch.
+        """
+        link = self._link
+        if link is None:
+            return None
+        token = link.tokens.get(audience)
+        if token is not None:
+            return token
+        if link.in_outage or wait <= 0:
+            link.tokens.want(audience)
+            return None
+        return link.tokens.fetch_now(audience, wait)
+
+    def note_server_address(self, host: object, port: object) -> None:
+        """The address a request arrived on: the fallback when no listening socket is found.
+
+        Called by the middlewares on a first request; stores two values and never blocks.
+        """
+        if self._link is not None:
+            self._link.registration.address.hint(host, port)
+
+    def start(self, framework: str = "python") -> None:
+        """Begin the registry work: register this instance and keep its lease and tokens fresh.
+
+        Idempotent, thread-safe and quick (the work happens in the background thread).
+        The middlewares call it: ASGI lifespan startup, or the first request. Does nothing
+        without a registry.
+        """
+        link = self._link
+        loop = self._loop
+        if link is None or loop is None:
+            return
+        with self._lifecycle:
+            if not (link.started and loop.running):
+                link.start(framework)
+                loop.start()
+                pid = os.getpid()
+                if self._atexit_pid != pid:
+                    # WSGI servers have no shutdown hook for apps; gunicorn workers exit
+                    # through sys.exit, which runs atexit handlers.
+                    self._atexit_pid = pid
+                    atexit.register(_stop_at_exit, weakref.ref(self))
+        loop.wake()
+
+    def stop(self) -> None:
+        """Deregister this instance and stop the background thread (clean shutdown).
+
+        Blocks for at most a few seconds (one registry call). Does nothing without a registry;
+        :meth:`start` may be called again afterwards.
+        """
+        link = self._link
+        if link is None:
+            return
+        with self._lifecycle:
+            if self._loop is not None:
+                self._loop.stop()
+            if link.started:
+                link.stop()
+
+    def _apply_trust(self, bundle: TrustBundle) -> None:
+        changed = False
+        if bundle.trust_domain != self.trust_domain:
+            if self._trust_domain_pinned:
+                log.error(
+                    "trust_domain_mismatch",
+                    configured=self.trust_domain,
+                    registry=bundle.trust_domain,
+                    effect="tokens issued by this registry will be refused",
+                )
+            else:
+                self.trust_domain = bundle.trust_domain
+                self.verifier.trust_domain = bundle.trust_domain
+                self._install(self._state[0])
+                changed = True
+        if not self._issuer_pinned and bundle.issuer != self.verifier.issuer:
+            self.verifier.issuer = bundle.issuer
+            changed = True
+        if self._keys_from_registry:
+            self.keys.source = bundle.jwks_url
+        if changed:
+            self.verifier.clear_cache()
+
     # -- background ----------------------------------------------------------------------
 
     def reload_policy(self) -> bool:
@@ -133,9 +312,11 @@ class Mesh:
         return self._watch.reload()
 
     def _tick(self) -> None:
-        if self._watch is not None:
+        if self._watch is not None and self._watch_policy:
             self._watch.check()
-        if self.keys.source is None:
+        if self._link is not None:
+            self._link.tick()
+        if self.keys.source is None or self._keys_from_registry:
             return
         if self.keys.is_url:
             now = time.monotonic()
@@ -146,15 +327,24 @@ class Mesh:
             self.keys.refresh_if_changed()
 
     def close(self) -> None:
-        """Stop background work (policy watch, key refresh)."""
+        """Stop background work (policy watch, key refresh); with a registry, :meth:`stop` too."""
+        self.stop()
         if self._loop is not None:
             self._loop.stop()
+        if self._link is not None:
+            self._link.client.close()
 
     def __enter__(self) -> Mesh:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _stop_at_exit(ref: weakref.ref[Mesh]) -> None:
+    mesh = ref()
+    if mesh is not None:
+        mesh.stop()
 
 
 def resolve_mesh(
@@ -164,7 +354,7 @@ def resolve_mesh(
     *,
     jwks: str | Path | None,
     issuer: str | None,
-    trust_domain: str,
+    trust_domain: str | None,
     watch: bool,
 ) -> Mesh:
     """The Mesh a middleware was given, or one built from its ``policy=`` shorthand."""
