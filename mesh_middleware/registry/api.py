@@ -187,7 +187,7 @@ async def service_instances(request: Request) -> Response:
     healthy_only = _flag(query.get("healthy"))
     raw_index = query.get("index")
     if raw_index is not None:
-        if not raw_index.isdigit() or len(raw_index) > 18:
+        if not (raw_index.isascii() and raw_index.isdigit()) or len(raw_index) > 18:
             raise ApiError(400, "bad_request", "index must be a non-negative integer")
         wait = _wait(query.get("wait"))
         try:
@@ -248,6 +248,10 @@ async def issue_token(request: Request) -> Response:
     if body.service is not None and not state.dev and _bearer(request) is None:
         raise ApiError(401, "unauthenticated", "a join token is required")
     service = _caller_service(request, dev_service=body.service)
+    if body.service is not None and body.service != service:
+        raise ApiError(
+            403, "forbidden", f"this join token is for {service!r}, not {body.service!r}"
+        )
     token, expires_at = state.keys.mint(service, body.audience)
     metrics.TOKENS_ISSUED.labels(service).inc()
     return _json(

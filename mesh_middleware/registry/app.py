@@ -66,7 +66,14 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     async def prometheus(_: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        reason = "no such route" if status == 404 else f"{request.method} is not allowed here"
+        error = "not_found" if status == 404 else "method_not_allowed"
+        return JSONResponse({"error": error, "reason": reason}, status_code=status)
+
     app = Starlette(
+        exception_handlers={404: refused, 405: refused},
         routes=[
             *routes(),
             Route("/openapi.json", openapi, methods=["GET"]),

@@ -81,6 +81,10 @@ class Catalog:
             self._service_index[record.service] = max(
                 self._service_index.get(record.service, 0), record.modify_index
             )
+        # What happened before a restart is not all stored (health flips, deregistrations):
+        # every service starts at the loaded index, so no index a watcher saw is answered
+        # again for another state, and each watcher wakes once to re-read.
+        self._floor = self.index
         metrics.INSTANCES.set(self.count())
 
     # -- reading -------------------------------------------------------------------------
@@ -98,7 +102,7 @@ class Catalog:
         return out
 
     def service_index(self, service: str) -> int:
-        return self._service_index.get(service, 0)
+        return max(self._service_index.get(service, 0), self._floor)
 
     def instances(self, service: str, *, healthy_only: bool = False) -> list[dict[str, Any]]:
         now = self._clock()
@@ -156,6 +160,7 @@ class Catalog:
         if instance is None or instance.healthy == healthy:
             return
         instance.healthy = healthy
+        self._store.set_index(self.index + 1)  # so a restart never hands out this index again
         self.index += 1
         self._changed(service)
         log.info("instance_health", service=service, instance=instance_id, healthy=healthy)

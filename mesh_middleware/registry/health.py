@@ -53,7 +53,7 @@ class HealthChecker:
             try:
                 response = await self._client.get(url, timeout=float(check.get("timeout", 1.0)))
                 ok = 200 <= response.status_code < 400
-            except httpx.HTTPError:
+            except Exception:  # unreachable, refused, timed out, or no URL can be made of it
                 ok = False
         current = self._catalog.get(record.service, record.instance_id)
         if current is None or current.record is not record:

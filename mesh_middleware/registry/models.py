@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
 
@@ -19,9 +20,11 @@ __all__ = [
     "TokenRequest",
 ]
 
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SERVICE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+SERVICE_NAME = re.compile(SERVICE_PATTERN)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ADDRESS = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 def _service(value: str) -> str:
@@ -31,8 +34,11 @@ def _service(value: str) -> str:
 
 
 def _address(value: str) -> str:
-    if not _ADDRESS.match(value):
-        raise ValueError("not a host name or IP address")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError("not a host name or IP address") from None
     return value
 
 
@@ -59,7 +65,7 @@ def _duration(low: float, high: float, default: str) -> Any:
     ]
 
 
-ServiceName = Annotated[str, AfterValidator(_service)]
+ServiceName = Annotated[str, Field(pattern=SERVICE_PATTERN)]
 
 
 class _Body(BaseModel):
@@ -79,7 +85,7 @@ class HealthCheck(_Body):
 class Registration(_Body):
     """Register (or renew) one instance of a service."""
 
-    address: Annotated[str, AfterValidator(_address)]
+    address: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_address)]
     port: Annotated[int, Field(ge=1, le=65535)]
     version: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     zone: Annotated[str, Field(min_length=1, max_length=63)] | None = None

@@ -145,6 +145,9 @@ class SQLiteStore:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'index'").fetchone()
         return int(row[0]) if row else 0
 
+    def set_index(self, index: int) -> None:
+        self._write("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (str(index),))
+
     def load_join_tokens(self) -> list[JoinTokenRecord]:
         with self._lock:
             rows = self._db.execute(
