@@ -140,7 +140,13 @@ class RegistryClient:
 
     def trust(self) -> TrustBundle:
         """``GET /v1/identity/trust``: the trust domain, issuer and JWKS location."""
-        _, answer = self._ok("GET", "/v1/identity/trust")
+        try:
+            _, answer = self._ok("GET", "/v1/identity/trust")
+        except RegistryRefused as exc:
+            # Nothing here needs a credential: whatever answered is not a usable registry.
+            raise RegistryUnavailable(
+                f"trust: {exc} (is {self.base_url} a mesh registry?)"
+            ) from None
         if not isinstance(answer, dict):
             raise RegistryUnavailable("trust: the answer is not an object")
         domain, issuer, jwks_uri = (answer.get(k) for k in ("trust_domain", "issuer", "jwks_uri"))

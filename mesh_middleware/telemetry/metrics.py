@@ -49,7 +49,7 @@ REGISTRY_STALE_SECONDS = Gauge(
 )
 
 REGISTRY_CALLS = Counter(
-    "mesh_registry_calls",
+    "mesh_registry_client_calls",
     "Calls from this process to the registry, by operation and result (ok, refused, unavailable).",
     ["service", "operation", "result"],
 )

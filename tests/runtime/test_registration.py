@@ -442,3 +442,36 @@ def test_a_real_app_keeps_serving_through_a_registry_restart(
         assert key not in registry.instances
     finally:
         stop(proc)
+
+
+def test_a_url_that_is_not_a_registry_is_an_outage_not_a_crash(
+    registry: FakeRegistry, write_policy: PolicyWriter
+) -> None:
+    """A 404 for the trust description: logged once as unreachable, retried with backoff."""
+    with capture_logs() as logs:
+        mesh = Mesh(write_policy(POLICY), registry_url=registry.url + "/not-here")
+        try:
+            mesh.start()
+            time.sleep(1.5)
+            assert not mesh.registry_connected
+        finally:
+            mesh.close()
+    events = [e["event"] for e in logs]
+    assert events.count("registry_unreachable") == 1
+    assert "background_tick_failed" not in events
+    assert (
+        "mesh registry?" in next(e for e in logs if e["event"] == "registry_unreachable")["error"]
+    )
+    assert len(registry.calls) <= 4  # 0.5 s, 1 s, ... not every tick
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    """Each delay lies in [d/2, d] for d = 0.5 s doubling to 10 s; success starts over."""
+    from mesh_middleware.runtime.backoff import Backoff
+
+    backoff = Backoff()
+    ceilings = [0.5, 1, 2, 4, 8, 10, 10]
+    for ceiling in ceilings:
+        assert ceiling / 2 <= backoff.next() <= ceiling
+    backoff.reset()
+    assert backoff.next() <= 0.5
