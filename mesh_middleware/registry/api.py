@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -58,6 +58,7 @@ class RegistryState:
     admin: AdminToken
     dev: bool
     store_url: str
+    rendered: dict[tuple[str, int, bool], tuple[float, bytes]] = field(default_factory=dict)
 
 
 def _state(request: Request) -> RegistryState:
@@ -195,12 +196,40 @@ async def service_instances(request: Request) -> Response:
         except TooManyWatches:
             raise ApiError(503, "busy", "too many services are being watched") from None
     index = catalog.service_index(service)
-    body = {
-        "service": service,
-        "index": index,
-        "instances": catalog.instances(service, healthy_only=healthy_only),
-    }
-    return _json(body, index=index)
+    return Response(
+        _rendered(_state(request), service, index, healthy_only),
+        media_type="application/json",
+        headers={"x-mesh-index": str(index)},
+    )
+
+
+_RENDERED_FOR_SECONDS = 1.0
+
+
+def _rendered(state: RegistryState, service: str, index: int, healthy_only: bool) -> bytes:
+    """The answer for a service at an index, encoded once and shared for a second.
+
+    A change wakes every watcher of a service at once; each would otherwise build and encode
+    the same list (only ``expires_in`` moves, and by less than the sharing window).
+    """
+    key = (service, index, healthy_only)
+    now = time.monotonic()
+    rendered = state.rendered
+    cached = rendered.get(key)
+    if cached is not None and now - cached[0] < _RENDERED_FOR_SECONDS:
+        return cached[1]
+    body = json.dumps(
+        {
+            "service": service,
+            "index": index,
+            "instances": state.catalog.instances(service, healthy_only=healthy_only),
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    if len(rendered) >= 1024:
+        rendered.clear()
+    rendered[key] = (now, body)
+    return body
 
 
 def _flag(value: str | None) -> bool:
