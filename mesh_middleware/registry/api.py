@@ -283,8 +283,15 @@ async def issue_token(request: Request) -> Response:
         )
     token, expires_at = state.keys.mint(service, body.audience)
     metrics.TOKENS_ISSUED.labels(service).inc()
+    lifetime = state.keys.token_lifetime
     return _json(
-        {"token": token, "expires_at": expires_at, "service": service, "audience": body.audience}
+        {
+            "token": token,
+            "expires_at": expires_at,
+            "expires_in": lifetime,
+            "service": service,
+            "audience": body.audience,
+        }
     )
 
 
