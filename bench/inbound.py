@@ -17,15 +17,12 @@ shared machines.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
+
+from _processes import die_with_parent, free_port, proc_cpu_seconds, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -50,7 +49,6 @@ SERVICE = "bench"
 READY_TIMEOUT = 30.0
 SATURATED_PCT = 90  # a server below this share of its core was waiting for wrk, not working
 OTHER_LOAD_PCT = 25  # on a quiet machine this is near 0 (softirqs are charged to the processes)
-_PR_SET_PDEATHSIG = 1
 WRK_GRACE = 30.0
 
 # 20 rules as a real service would have them: denies first, allows for several callers, paths,
@@ -249,7 +247,7 @@ class Server:
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{ITEM_PATH}"
         self._log_path = log_dir / f"{name}.log"
         self._log = self._log_path.open("wb")
@@ -270,7 +268,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     @property
@@ -302,35 +300,11 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process (all its threads) has used so far."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # Fields after "(comm)": state is field 3, utime field 14, stime field 15.
-        utime, stime = int(fields[11]), int(fields[12])
-        return (utime + stime) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_group(self.process, grace=5)
         self._log.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the benchmark dies without cleaning up."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import math
@@ -53,6 +52,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 import uvloop
+from _processes import die_with_parent, free_port, proc_cpu_seconds, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0
@@ -68,7 +68,6 @@ LAG_OK_MS = 5.0  # the dispatcher's p99 lateness above which the generator fell 
 GENERATOR_BUSY_PCT = 90.0
 OTHER_LOAD_PCT = 25.0  # on a quiet machine this is a few %
 SEED = 20_26
-_PR_SET_PDEATHSIG = 1
 
 
 class BenchError(RuntimeError):
@@ -82,7 +81,7 @@ class Registry:
     """``mesh registry --dev`` on a free 127.0.0.1 port and a temporary data dir, on one CPU."""
 
     def __init__(self, data_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._log_path = log_path
         self._log = log_path.open("wb")
@@ -100,7 +99,7 @@ class Registry:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     @property
@@ -139,31 +138,11 @@ class Registry:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the registry (all its threads) has used so far."""
-        return _proc_cpu_seconds(self.pid)
+        return proc_cpu_seconds(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_group(self.process, grace=8)
         self._log.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the benchmark dies without cleaning up."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _parse_metrics(text: bytes) -> dict[str, float]:
@@ -176,13 +155,6 @@ def _parse_metrics(text: bytes) -> dict[str, float]:
         with contextlib.suppress(ValueError):
             out[name] = float(value)
     return out
-
-
-def _proc_cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # Fields after "(comm)": state is field 3, utime field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _busy_seconds(cpu: int) -> float:

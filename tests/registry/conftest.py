@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mesh_middleware.registry.store import SQLiteStore
 from tests.registry.support import Registry, start_registry
 
 
@@ -30,3 +31,11 @@ def client() -> Iterator[httpx.Client]:
     """A plain HTTP client with a bounded timeout."""
     with httpx.Client(timeout=15.0) as http:
         yield http
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    """A SQLite store in a temporary file."""
+    opened = SQLiteStore(tmp_path / "registry.db")
+    yield opened
+    opened.close()

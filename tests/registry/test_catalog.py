@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,14 +42,6 @@ def _record(instance_id: str = "i-1", service: str = "orders", **changes: object
     }
     fields.update(changes)
     return InstanceRecord(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    """A SQLite store in a temporary file."""
-    opened = SQLiteStore(tmp_path / "registry.db")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture
