@@ -97,7 +97,8 @@ def _token_create(args: argparse.Namespace) -> int:
     from mesh_middleware.registry.client import RegistryError, admin_token, create_join_token
 
     try:
-        token = create_join_token(args.registry, admin_token(args.admin_token), args.service)
+        admin = admin_token(args.admin_token, data_dir=args.data_dir)
+        token = create_join_token(args.registry, admin, args.service)
     except RegistryError as exc:
         print(f"mesh token create: {exc}", file=sys.stderr)
         return 1
@@ -243,6 +244,9 @@ def _parser() -> argparse.ArgumentParser:
         "--admin-token",
         default=None,
         help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
+    )
+    create.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="the registry's data dir (for admin.token)"
     )
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=_token_create)

@@ -6,6 +6,7 @@ the store is a 503. Nothing answers with a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -58,7 +59,8 @@ class RegistryState:
     admin: AdminToken
     dev: bool
     store_url: str
-    rendered: dict[tuple[str, int, bool], tuple[float, bytes]] = field(default_factory=dict)
+    # One encoded answer per (service, healthy filter): replaced when the index moves.
+    rendered: dict[tuple[str, bool], tuple[float, int, bytes]] = field(default_factory=dict)
 
 
 def _state(request: Request) -> RegistryState:
@@ -113,7 +115,7 @@ async def _json_body(request: Request) -> Any:
             )
     try:
         return json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_request", "the body is not valid JSON") from None
 
 
@@ -192,7 +194,8 @@ async def service_instances(request: Request) -> Response:
             raise ApiError(400, "bad_request", "index must be a non-negative integer")
         wait = _wait(query.get("wait"))
         try:
-            await catalog.wait_for_change(service, int(raw_index), wait)
+            if not await _wait_unless_gone(request, catalog, service, int(raw_index), wait):
+                return Response(status_code=204)  # the client left; nobody reads this
         except TooManyWatches:
             raise ApiError(503, "busy", "too many services are being watched") from None
     index = catalog.service_index(service)
@@ -212,12 +215,12 @@ def _rendered(state: RegistryState, service: str, index: int, healthy_only: bool
     A change wakes every watcher of a service at once; each would otherwise build and encode
     the same list (only ``expires_in`` moves, and by less than the sharing window).
     """
-    key = (service, index, healthy_only)
+    key = (service, healthy_only)
     now = time.monotonic()
     rendered = state.rendered
     cached = rendered.get(key)
-    if cached is not None and now - cached[0] < _RENDERED_FOR_SECONDS:
-        return cached[1]
+    if cached is not None and cached[1] == index and now - cached[0] < _RENDERED_FOR_SECONDS:
+        return cached[2]
     body = json.dumps(
         {
             "service": service,
@@ -226,10 +229,33 @@ def _rendered(state: RegistryState, service: str, index: int, healthy_only: bool
         },
         separators=(",", ":"),
     ).encode("utf-8")
-    if len(rendered) >= 1024:
+    if len(rendered) >= 1024 and key not in rendered:
         rendered.clear()
-    rendered[key] = (now, body)
+    rendered[key] = (now, index, body)
     return body
+
+
+async def _wait_unless_gone(
+    request: Request, catalog: Catalog, service: str, after: int, wait: float
+) -> bool:
+    """Wait for a change as a watch does; ``False`` if the client disconnected first, so that a
+    watcher that went away stops holding its place at once."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watching = asyncio.ensure_future(catalog.wait_for_change(service, after, wait))
+    leaving = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({watching, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watching, leaving):
+            task.cancel()
+    if watching in done:
+        watching.result()  # raises TooManyWatches
+        return True
+    return False
 
 
 def _flag(value: str | None) -> bool:

@@ -30,6 +30,7 @@ log = structlog.get_logger("mesh.registry")
 def create_registry_app(config: RegistrySettings) -> Starlette:
     """Open the store, load the state, and return the app (its lifespan runs maintenance)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.data_dir.chmod(0o700)  # also when it already existed: it holds the admin token
     store = open_store(config.store)
     state = RegistryState(
         catalog=Catalog(store),

@@ -199,7 +199,9 @@ class Catalog:
                 return
             watchers = self._watchers.get(service)
             if watchers is None:
-                if len(self._watchers) >= settings.MAX_WATCHED_SERVICES:
+                # The cap is on names nobody registered: a known service can always be watched.
+                known = service in self._instances or service in self._service_index
+                if not known and len(self._watchers) >= settings.MAX_WATCHED_SERVICES:
                     raise TooManyWatches
                 watchers = self._watchers[service] = _Watchers()
             watchers.waiting += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import httpx
@@ -25,6 +26,7 @@ class HealthChecker:
         self._limit = asyncio.Semaphore(settings.MAX_HEALTH_CHECKS_IN_FLIGHT)
         self._client = httpx.AsyncClient(follow_redirects=False)
         self._running: set[asyncio.Task[None]] = set()
+        self._in_flight: set[tuple[str, str]] = set()
 
     async def tick(self) -> None:
         """Start the checks that are due (each bounded by its own timeout)."""
@@ -36,22 +38,30 @@ class HealthChecker:
                 continue
             key = (instance.record.service, instance.record.instance_id)
             seen.add(key)
-            if self._due.get(key, 0.0) > now:
+            if self._due.get(key, 0.0) > now or key in self._in_flight:
                 continue
             self._due[key] = now + float(check["interval"])
+            self._in_flight.add(key)
             task = asyncio.create_task(self._check(instance))
+            task.add_done_callback(functools.partial(self._finished, key))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         for key in set(self._due) - seen:
             del self._due[key]
 
+    def _finished(self, key: tuple[str, str], _: asyncio.Task[None]) -> None:
+        self._in_flight.discard(key)
+
     async def _check(self, instance: Instance) -> None:
         record = instance.record
         check = record.check or {}
         url = f"http://{_host(record.address)}:{record.port}{check.get('http', '/')}"
+        # The check's timeout bounds the whole check (per-operation timeouts would let a slow
+        # trickle run on), and never exceeds its interval.
+        limit = min(float(check.get("timeout", 1.0)), float(check.get("interval", 10.0)))
         async with self._limit:
             try:
-                response = await self._client.get(url, timeout=float(check.get("timeout", 1.0)))
+                response = await asyncio.wait_for(self._client.get(url, timeout=limit), limit)
                 ok = 200 <= response.status_code < 400
             except Exception:  # unreachable, refused, timed out, or no URL can be made of it
                 ok = False

@@ -6,7 +6,15 @@ import ipaddress
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
 from mesh_middleware.registry import settings
@@ -95,6 +103,19 @@ class Registration(_Body):
     ] = Field(default_factory=dict)
     ttl: _duration(settings.MIN_TTL, settings.MAX_TTL, "30s") = settings.DEFAULT_TTL  # type: ignore[valid-type]
     check: HealthCheck | None = None
+
+    @model_validator(mode="after")
+    def _checkable(self) -> Registration:
+        # The registry itself connects to a checked address: never to link-local ones
+        # (cloud metadata services live there).
+        if self.check is not None:
+            try:
+                if ipaddress.ip_address(self.address).is_link_local:
+                    raise ValueError("a link-local address cannot have a health check")
+            except ValueError as exc:
+                if "link-local" in str(exc):
+                    raise
+        return self
 
 
 class TokenRequest(_Body):

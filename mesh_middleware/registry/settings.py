@@ -18,7 +18,9 @@ MAX_TTL = 600.0
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 SWEEP_SECONDS = 0.5
-KEY_PUBLISH_LEAD_SECONDS = 60.0
+# Longer than verifiers' periodic JWKS refresh (5 min), so a new key is known everywhere before
+# it signs; the refetch on an unknown kid is only the fallback.
+KEY_PUBLISH_LEAD_SECONDS = 360.0
 KEY_ROTATION_SECONDS = 24 * 3600.0
 MAX_WATCHED_SERVICES = 10_000
 MAX_HEALTH_CHECKS_IN_FLIGHT = 100

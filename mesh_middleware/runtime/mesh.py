@@ -357,11 +357,24 @@ def resolve_mesh(
     trust_domain: str | None,
     watch: bool,
 ) -> Mesh:
-    """The Mesh a middleware was given, or one built from its ``policy=`` shorthand."""
+    """The Mesh a middleware was given, or one built from its ``policy=`` shorthand.
+
+    The shorthand joins the registry named by ``MESH_REGISTRY_URL`` (with ``MESH_JOIN_TOKEN``
+    and ``MESH_ADVERTISE``) when it is set, as :meth:`Mesh.from_env` does.
+    """
     if mesh is None:
         if policy is None:
             raise TypeError(f"{middleware} needs mesh=Mesh(...) or policy='policy.yaml'")
-        return Mesh(policy, jwks=jwks, issuer=issuer, trust_domain=trust_domain, watch=watch)
+        return Mesh(
+            policy,
+            jwks=jwks,
+            issuer=issuer,
+            trust_domain=trust_domain,
+            watch=watch,
+            registry_url=os.environ.get("MESH_REGISTRY_URL") or None,
+            join_token=os.environ.get("MESH_JOIN_TOKEN") or None,
+            advertise=os.environ.get("MESH_ADVERTISE") or None,
+        )
     if policy is not None or jwks is not None or issuer is not None:
         raise TypeError("give either mesh= or policy= and its options, not both")
     return mesh

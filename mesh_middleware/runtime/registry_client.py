@@ -33,6 +33,9 @@ __all__ = [
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 
+_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
 class RegistryError(Exception):
     """A registry call did not succeed."""
 
@@ -118,20 +121,28 @@ class RegistryClient:
     def _call(
         self, method: str, path: str, *, body: Any = None, timeout: float | None = None
     ) -> tuple[int, Any]:
+        limit = timeout if timeout is not None else self.timeout
+        # httpx's timeouts are per operation; a registry (or proxy) that trickles its answer is
+        # cut off by an overall deadline, and answers are capped in size.
+        deadline = time.monotonic() + limit * 2
         try:
-            response = self._http().request(
-                method,
-                self.base_url + path,
-                json=body,
-                timeout=timeout if timeout is not None else self.timeout,
-            )
+            with self._http().stream(
+                method, self.base_url + path, json=body, timeout=limit
+            ) as response:
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content += chunk
+                    if len(content) > _MAX_ANSWER_BYTES:
+                        raise RegistryUnavailable(f"{method} {path}: answer too large")
+                    if time.monotonic() > deadline:
+                        raise RegistryUnavailable(f"{method} {path}: answer too slow")
+                status = response.status_code
         except httpx.HTTPError as exc:
             raise RegistryUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         try:
-            answer = response.json() if response.content else None
+            answer = json.loads(bytes(content)) if content else None
         except ValueError:
             answer = None
-        status = response.status_code
         if status >= 500 or status in (408, 429):
             raise RegistryUnavailable(f"{method} {path}: {status} {_reason(answer)}")
         if status >= 400 and status != 404:

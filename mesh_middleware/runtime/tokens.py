@@ -147,6 +147,8 @@ class TokenCache:
         if token is not None:
             return token
         self.want(audience)
+        if self._clock() < self._retry_at.get(audience, float("-inf")):
+            return None  # the registry refused this audience lately: not on a caller's thread
         try:
             return self.refresh(audience, timeout=wait)
         except RegistryError:

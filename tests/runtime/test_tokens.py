@@ -82,6 +82,25 @@ def test_a_refused_audience_waits_before_it_is_asked_again() -> None:
     assert cache.due(["Not-A-Service"]) == ["Not-A-Service"]
 
 
+def test_a_refused_audience_is_not_fetched_again_on_a_callers_thread() -> None:
+    """After a refusal, on-demand callers get None at once until the retry delay has passed."""
+    clock = Clock()
+    calls: list[str] = []
+
+    def refuse(audience: str, _: float | None) -> IssuedToken:
+        calls.append(audience)
+        raise RegistryRefused(403, "not yours")
+
+    cache = _cache(refuse, clock)
+    assert cache.fetch_now("inventory") is None
+    for _ in range(50):
+        assert cache.fetch_now("inventory") is None
+    assert calls == ["inventory"]
+    clock.now += 10.0
+    assert cache.fetch_now("inventory") is None
+    assert calls == ["inventory", "inventory"]
+
+
 def test_an_outage_is_retried_at_the_link_s_pace() -> None:
     """Unavailable is not a refusal: the audience stays due (the link backs off instead)."""
     clock = Clock()
