@@ -11,7 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-__all__ = ["die_with_parent", "free_port", "proc_cpu_seconds", "stop_group"]
+__all__ = ["PinnedProcess", "die_with_parent", "free_port", "proc_cpu_seconds", "stop_group"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,3 +48,52 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class PinnedProcess:
+    """A server pinned to one CPU, in a process group of its own, its output in a log file.
+
+    ``taskset`` execs the interpreter, so the pid is the server's own (its CPU use is read
+    from it). Stopped for certain by :meth:`stop`, and by the kernel if the benchmark dies.
+    """
+
+    grace = 5.0
+
+    def __init__(
+        self,
+        command: list[str],
+        log_path: Path,
+        *,
+        cpu: int,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self._log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *command],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        text = self._log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process (all its threads) has used so far."""
+        return proc_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        stop_group(self.process, grace=self.grace)
+        self._log.close()

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from _processes import die_with_parent, free_port, proc_cpu_seconds, stop_group
+from _processes import PinnedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -242,43 +242,21 @@ class Summary:
         }
 
 
-class Server:
+class Server(PinnedProcess):
     """One uvicorn worker process serving ``bench/apps.py``, pinned to one CPU."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{ITEM_PATH}"
-        self._log_path = log_dir / f"{name}.log"
-        self._log = self._log_path.open("wb")
         command = [
-            "taskset", "-c", str(SERVER_CPU),
             sys.executable, "-m", "uvicorn", "apps:app",
             "--app-dir", str(BENCH_DIR),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--loop", "uvloop", "--http", "httptools",
             "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
-        # taskset execs the interpreter, so this pid is the server's own.
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        text = self._log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        super().__init__(command, log_dir / f"{name}.log", cpu=SERVER_CPU, cwd=REPO, env=env)
 
     def wait_ready(self, token: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -297,14 +275,6 @@ class Server:
                         f"{self.log_tail()}"
                     ) from None
                 time.sleep(0.1)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server process (all its threads) has used so far."""
-        return proc_cpu_seconds(self.pid)
-
-    def stop(self) -> None:
-        stop_group(self.process, grace=5)
-        self._log.close()
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:

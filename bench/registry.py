@@ -38,7 +38,6 @@ import resource
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 import uvloop
-from _processes import die_with_parent, free_port, proc_cpu_seconds, stop_group
+from _processes import PinnedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0
@@ -77,39 +76,20 @@ class BenchError(RuntimeError):
 # -- the registry process --------------------------------------------------------------------
 
 
-class Registry:
+class Registry(PinnedProcess):
     """``mesh registry --dev`` on a free 127.0.0.1 port and a temporary data dir, on one CPU."""
+
+    grace = 8.0
 
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self._log_path = log_path
-        self._log = log_path.open("wb")
         command = [
-            "taskset", "-c", str(SERVER_CPU),
             sys.executable, "-m", "mesh_middleware", "registry",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--data-dir", str(data_dir), "--dev",
         ]  # fmt: skip
-        # taskset execs the interpreter, so this pid is the registry's own.
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        text = self._log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        super().__init__(command, log_path, cpu=SERVER_CPU, cwd=REPO)
 
     def wait_ready(self) -> dict[str, Any]:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -135,14 +115,6 @@ class Registry:
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.base + "/metrics", timeout=10) as response:
             return _parse_metrics(response.read())
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the registry (all its threads) has used so far."""
-        return proc_cpu_seconds(self.pid)
-
-    def stop(self) -> None:
-        stop_group(self.process, grace=8)
-        self._log.close()
 
 
 def _parse_metrics(text: bytes) -> dict[str, float]:
