@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_service_id", "service_id"]
+__all__ = ["SERVICE_NAME", "SERVICE_NAME_PATTERN", "parse_service_id", "service_id"]
+
+SERVICE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+"""A service name is a DNS label: lowercase letters, digits and '-', at most 63 characters."""
+
+SERVICE_NAME = re.compile(SERVICE_NAME_PATTERN)
 
 _SERVICE_ID = re.compile(
-    r"^spiffe://(?P<td>[a-z0-9._-]{1,255})/svc/(?P<svc>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)$"
+    r"^spiffe://(?P<td>[a-z0-9._-]{1,255})/svc/(?P<svc>" + SERVICE_NAME_PATTERN[1:-1] + r")$"
 )
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from mesh_middleware.identity.spiffe import SERVICE_NAME
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
 from mesh_middleware.policy.paths import normalized_pattern_problem
 from mesh_middleware.policy.patterns import pattern_problem
@@ -37,9 +38,8 @@ __all__ = [
     "policy_json_schema",
 ]
 
-_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# RFC 9110 token characters: what header names and methods are made of.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MAX_DURATION_SECONDS = 24 * 3600.0
 
 
@@ -63,7 +63,7 @@ Percent = Annotated[float, Field(ge=0, le=100, description="0-100; missing means
 
 
 def _service_name(value: str) -> str:
-    if not _SERVICE_NAME.match(value):
+    if not SERVICE_NAME.match(value):
         raise ValueError(
             f"{value!r} is not a service name (lowercase letters, digits and '-', at most 63)"
         )
@@ -98,7 +98,7 @@ PathPattern = Annotated[str, AfterValidator(_path_pattern)]
 
 def _method_pattern(value: str) -> str:
     _pattern(value)
-    if value != "*" and not _METHOD.match(value.strip("*")):
+    if value != "*" and not _TOKEN.match(value.strip("*")):
         raise ValueError(f"{value!r} is not an HTTP method")
     return value.upper()
 
@@ -107,7 +107,7 @@ MethodPattern = Annotated[str, AfterValidator(_method_pattern)]
 
 
 def _header_name(value: str) -> str:
-    if not _HEADER_NAME.match(value):
+    if not _TOKEN.match(value):
         raise ValueError(f"{value!r} is not a valid header name")
     return value.lower()
 

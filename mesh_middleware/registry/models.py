@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from mesh_middleware.identity.spiffe import SERVICE_NAME, SERVICE_NAME_PATTERN
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
 from mesh_middleware.registry import settings
 
@@ -28,17 +29,9 @@ __all__ = [
     "TokenRequest",
 ]
 
-SERVICE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-SERVICE_NAME = re.compile(SERVICE_PATTERN)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
-
-
-def _service(value: str) -> str:
-    if not SERVICE_NAME.match(value):
-        raise ValueError("not a service name (lowercase letters, digits and '-', at most 63)")
-    return value
 
 
 def _address(value: str) -> str:
@@ -73,7 +66,7 @@ def _duration(low: float, high: float, default: str) -> Any:
     ]
 
 
-ServiceName = Annotated[str, Field(pattern=SERVICE_PATTERN)]
+ServiceName = Annotated[str, Field(pattern=SERVICE_NAME_PATTERN)]
 
 
 class _Body(BaseModel):
