@@ -4,23 +4,38 @@ from __future__ import annotations
 
 __all__ = [
     "CLOCK_LEEWAY_SECONDS",
+    "DEADLINE_HEADER",
     "DEFAULT_TRUST_DOMAIN",
+    "DISCOVERY_FIRST_WAIT_SECONDS",
+    "DISCOVERY_MIN_POLL_SECONDS",
+    "DISCOVERY_WAIT",
+    "EWMA_DECAY_SECONDS",
+    "EWMA_DEFAULT_SECONDS",
     "IDENTITY_HEADER",
     "JWKS_FETCH_TIMEOUT_SECONDS",
     "JWKS_MIN_REFETCH_SECONDS",
     "JWKS_REFRESH_SECONDS",
+    "MAX_EJECTION_SECONDS",
     "MAX_JWKS_BYTES",
+    "MAX_MIRRORS_IN_FLIGHT",
     "MAX_TOKEN_BYTES",
     "MAX_TOKEN_LIFETIME_SECONDS",
+    "MAX_WATCHED_SERVICES",
     "POLICY_POLL_SECONDS",
     "REGISTRATION_TTL",
     "REGISTRY_BACKOFF_CAP_SECONDS",
     "REGISTRY_BACKOFF_SECONDS",
     "REGISTRY_TIMEOUT_SECONDS",
+    "RETRY_AFTER_MAX_SECONDS",
+    "RETRY_BACKOFF_BASE_SECONDS",
+    "RETRY_BACKOFF_CAP_SECONDS",
+    "RETRY_BUDGET_WINDOW_SECONDS",
+    "SHADOW_HEADER",
     "TOKEN_CACHE_SIZE",
     "TOKEN_FETCH_WAIT_SECONDS",
     "TOKEN_LIFETIME_SECONDS",
     "UNKNOWN_KID_WAIT_SECONDS",
+    "ZONE_OVERPROVISIONING",
     "default_issuer",
 ]
 
@@ -77,6 +92,54 @@ REGISTRY_BACKOFF_CAP_SECONDS = 10.0
 
 TOKEN_FETCH_WAIT_SECONDS = 1.0
 """How long a caller of ``Mesh.identity_token`` may wait for a token that is not cached yet."""
+
+
+# -- outbound (DESIGN §6) ----------------------------------------------------------------------
+
+DISCOVERY_WAIT = "30s"
+"""How long one registry watch (long-poll) waits for a change; the registry adds jitter."""
+
+DISCOVERY_FIRST_WAIT_SECONDS = 1.0
+"""How long a first call to a destination not yet in the discovery cache waits for it."""
+
+DISCOVERY_MIN_POLL_SECONDS = 1.0
+"""A watch that answered without a change waits at least this long (jittered) before the next."""
+
+MAX_WATCHED_SERVICES = 256
+"""Destinations watched at once by one process; calls to more fail with NoHealthyInstances."""
+
+EWMA_DEFAULT_SECONDS = 0.030
+"""Latency assumed for an instance not measured yet (Linkerd, Finagle)."""
+
+EWMA_DECAY_SECONDS = 10.0
+"""Time constant of the peak-EWMA latency estimate."""
+
+ZONE_OVERPROVISIONING = 1.4
+"""Traffic stays in the local zone while 1.4 × its healthy fraction ≥ 1, then spills (Envoy)."""
+
+MAX_EJECTION_SECONDS = 300.0
+"""Longest outlier ejection, however often an instance was ejected before (Envoy)."""
+
+RETRY_BACKOFF_BASE_SECONDS = 0.025
+"""Full-jitter retry backoff: random(0, min(cap, base · 2^n)) (Envoy, AWS)."""
+
+RETRY_BACKOFF_CAP_SECONDS = 0.25
+"""Longest retry backoff drawn from the full-jitter formula."""
+
+RETRY_AFTER_MAX_SECONDS = 10.0
+"""A ``Retry-After`` longer than this (or than the time left) ends retrying instead."""
+
+RETRY_BUDGET_WINDOW_SECONDS = 10.0
+"""The window over which retries are limited to ratio × requests + min_per_second × window."""
+
+DEADLINE_HEADER = "x-mesh-deadline-ms"
+"""Milliseconds the caller will still wait: relative, so the two clocks need not agree."""
+
+SHADOW_HEADER = "x-mesh-shadow"
+"""Marks mirrored (shadow) requests; their Host also gets a ``-shadow`` suffix, as Envoy does."""
+
+MAX_MIRRORS_IN_FLIGHT = 64
+"""Mirrored requests in flight per process; more are dropped, never queued."""
 
 
 def default_issuer(trust_domain: str) -> str:

@@ -1,0 +1,1 @@
+"""Where a destination's instances are: registry watches and static endpoints, cached."""

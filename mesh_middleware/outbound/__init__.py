@@ -1,0 +1,1 @@
+"""The outbound data plane, independent of any HTTP client library."""

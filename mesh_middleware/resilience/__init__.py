@@ -1,0 +1,1 @@
+"""What keeps calls succeeding: outlier detection, retry budgets and backoff."""

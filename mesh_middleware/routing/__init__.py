@@ -1,0 +1,1 @@
+"""Which instance a call goes to: route tables, weighted splits, zones and load balancers."""
