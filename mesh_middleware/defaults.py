@@ -115,7 +115,7 @@ EWMA_DECAY_SECONDS = 10.0
 """Time constant of the peak-EWMA latency estimate."""
 
 ZONE_OVERPROVISIONING = 1.4
-"""Traffic stays in the local zone while 1.4 × its healthy fraction ≥ 1, then spills (Envoy)."""
+"""Traffic stays in the local zone while 1.4 * its healthy fraction ≥ 1, then spills (Envoy)."""
 
 MAX_EJECTION_SECONDS = 300.0
 """Longest outlier ejection, however often an instance was ejected before (Envoy)."""
@@ -130,7 +130,7 @@ RETRY_AFTER_MAX_SECONDS = 10.0
 """A ``Retry-After`` longer than this (or than the time left) ends retrying instead."""
 
 RETRY_BUDGET_WINDOW_SECONDS = 10.0
-"""The window over which retries are limited to ratio × requests + min_per_second × window."""
+"""The window over which retries are limited to ratio * requests + min_per_second * window."""
 
 DEADLINE_HEADER = "x-mesh-deadline-ms"
 """Milliseconds the caller will still wait: relative, so the two clocks need not agree."""

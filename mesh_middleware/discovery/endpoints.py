@@ -35,7 +35,7 @@ class Endpoint:
     ewma_at: float = 0.0  # monotonic time of the last observation
     # -- live state: outlier detection
     consecutive_failures: int = 0
-    ejections: int = 0  # how many times ejected (the next ejection lasts base × (this + 1))
+    ejections: int = 0  # how many times ejected (the next ejection lasts base * (this + 1))
     ejected_until: float = 0.0  # monotonic; 0.0 when never ejected
     last_ejection_end: float = 0.0
     probing: bool = False  # back from an ejection: one real request decides
