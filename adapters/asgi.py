@@ -18,14 +18,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mesh_middleware import defaults
 from mesh_middleware.errors import RepeatedHeader
 from mesh_middleware.inbound.engine import Admission
+from mesh_middleware.inbound.responses import error_body
+from mesh_middleware.runtime.context import (
+    current_deadline,
+    current_traceparent,
+    deadline_from_header,
+    parse_traceparent,
+)
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 
-__all__ = ["CALLER_SCOPE_KEY", "MeshMiddleware"]
+__all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "MeshMiddleware"]
 
 CALLER_SCOPE_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
 
+DEADLINE_SCOPE_KEY = "mesh.deadline"
+"""Where the caller's :class:`~mesh_middleware.Deadline` is put, when it sent one."""
+
 _IDENTITY_HEADER = defaults.IDENTITY_HEADER.encode("latin-1")
+_DEADLINE_HEADER = defaults.DEADLINE_HEADER.encode("latin-1")
+_EXPIRED = Admission(
+    status=504,
+    body=error_body("deadline_exceeded", "the caller's deadline had passed on arrival"),
+)
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
 _UNKNOWN_KID_WAIT = defaults.UNKNOWN_KID_WAIT_SECONDS
@@ -162,11 +177,21 @@ class MeshMiddleware:
             self.mesh.note_server_address(server[0], server[1])
         token: str | None = None
         duplicate = False
+        deadline_header: bytes | None = None
+        traceparent: bytes | None = None
         raw_headers = scope["headers"]
         for key, value in raw_headers:
             if key == _IDENTITY_HEADER:
                 duplicate = token is not None
                 token = value.decode("latin-1")
+            elif key == _DEADLINE_HEADER:
+                deadline_header = value
+            elif key == b"traceparent":
+                traceparent = value
+        deadline = deadline_from_header(deadline_header) if deadline_header else None
+        if deadline is not None and deadline.expired:
+            await self._refuse(scope, receive, send, _EXPIRED)  # no work for a caller gone
+            return
         root = scope.get("root_path", "")
         raw_path = scope.get("raw_path")
         if root:
@@ -193,7 +218,19 @@ class MeshMiddleware:
             scope["path"] = (root if raw_root else "") + unquote(admission.path)
             scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
         scope[CALLER_SCOPE_KEY] = admission.caller
-        await self.app(scope, receive, send)
+        if deadline is None and traceparent is None:
+            await self.app(scope, receive, send)
+            return
+        # Outbound calls made while serving this request inherit its deadline and trace.
+        deadline_token = current_deadline.set(deadline)
+        trace_token = current_traceparent.set(parse_traceparent(traceparent))
+        if deadline is not None:
+            scope[DEADLINE_SCOPE_KEY] = deadline
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_traceparent.reset(trace_token)
+            current_deadline.reset(deadline_token)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         mesh = self.mesh

@@ -10,10 +10,16 @@ from urllib.parse import quote, unquote, urlsplit
 
 from mesh_middleware import defaults
 from mesh_middleware.inbound.engine import Admission
-from mesh_middleware.inbound.responses import status_line
+from mesh_middleware.inbound.responses import error_body, status_line
+from mesh_middleware.runtime.context import (
+    current_deadline,
+    current_traceparent,
+    deadline_from_header,
+    parse_traceparent,
+)
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 
-__all__ = ["CALLER_ENVIRON_KEY", "MeshWSGIMiddleware"]
+__all__ = ["CALLER_ENVIRON_KEY", "DEADLINE_ENVIRON_KEY", "MeshWSGIMiddleware"]
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -22,7 +28,11 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 CALLER_ENVIRON_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
 
+DEADLINE_ENVIRON_KEY = "mesh.deadline"
+"""Where the caller's :class:`~mesh_middleware.Deadline` is put, when it sent one."""
+
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
+_EXPIRED = error_body("deadline_exceeded", "the caller's deadline had passed on arrival")
 
 
 class _EnvironHeaders(Mapping[str, str]):
@@ -125,6 +135,13 @@ class MeshWSGIMiddleware:
             self._first_request = False
             self.mesh.start(_framework(self.app))  # quick and idempotent; deregisters at exit
             self.mesh.note_server_address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
+        deadline = deadline_from_header(environ.get("HTTP_X_MESH_DEADLINE_MS"))
+        if deadline is not None and deadline.expired:
+            start_response(
+                status_line(504),
+                [("Content-Type", "application/json"), ("Content-Length", str(len(_EXPIRED)))],
+            )
+            return [_EXPIRED]
         token = environ.get("HTTP_X_MESH_IDENTITY")
         raw_path = _raw_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
@@ -146,7 +163,20 @@ class MeshWSGIMiddleware:
         if admission.path is not None:
             environ["PATH_INFO"] = unquote(admission.path, encoding="latin-1")
         environ[CALLER_ENVIRON_KEY] = admission.caller
-        return self.app(environ, start_response)
+        traceparent = environ.get("HTTP_TRACEPARENT")
+        if deadline is None and traceparent is None:
+            return self.app(environ, start_response)
+        # Outbound calls made while serving this request inherit its deadline and trace (a
+        # response body generated after the view returned runs without them).
+        deadline_token = current_deadline.set(deadline)
+        trace_token = current_traceparent.set(parse_traceparent(traceparent))
+        if deadline is not None:
+            environ[DEADLINE_ENVIRON_KEY] = deadline
+        try:
+            return self.app(environ, start_response)
+        finally:
+            current_traceparent.reset(trace_token)
+            current_deadline.reset(deadline_token)
 
     def _admit_after_refetch(
         self,

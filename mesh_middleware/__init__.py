@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from mesh_middleware._version import __version__
 from mesh_middleware.adapters.asgi import MeshMiddleware
+from mesh_middleware.adapters.httpx import AsyncMeshTransport, MeshTransport
+from mesh_middleware.adapters.httpx_errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    NoHealthyInstances,
+    RetryBudgetExhausted,
+)
 from mesh_middleware.adapters.wsgi import MeshWSGIMiddleware
 from mesh_middleware.errors import (
     IdentityError,
@@ -19,23 +26,32 @@ from mesh_middleware.errors import (
 from mesh_middleware.identity.issuer import TokenIssuer
 from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.policy.authorization import AuthorizationDecision
+from mesh_middleware.runtime.context import Deadline, current_deadline
 from mesh_middleware.runtime.mesh import Mesh
 
 __all__ = [
+    "AsyncMeshTransport",
     "AuthorizationDecision",
     "CallerIdentity",
+    "CircuitOpen",
+    "Deadline",
+    "DeadlineExceeded",
     "IdentityError",
     "Mesh",
     "MeshError",
     "MeshMiddleware",
+    "MeshTransport",
     "MeshWSGIMiddleware",
+    "NoHealthyInstances",
     "PathError",
     "PolicyError",
     "PolicyIssue",
+    "RetryBudgetExhausted",
     "TokenIssuer",
     "UnknownSigningKey",
     "__version__",
     "get_caller",
+    "get_deadline",
 ]
 
 
@@ -51,4 +67,22 @@ def get_caller(scope_or_environ: object) -> CallerIdentity | None:
     if isinstance(mapping, dict):
         caller = mapping.get("mesh.caller")
         return caller if isinstance(caller, CallerIdentity) else None
+    return None
+
+
+def get_deadline(scope_or_environ: object = None) -> Deadline | None:
+    """The deadline the caller of the request being served sent (``x-mesh-deadline-ms``).
+
+    Pass an ASGI scope, a WSGI environ or a request object, or nothing to read it from the
+    current context (it follows the request into sync handlers' threads).
+    ``get_deadline(request).remaining()`` is the seconds left; ``None`` means no deadline.
+    Outbound mesh calls made while serving the request never wait past it.
+    """
+    if scope_or_environ is None:
+        return current_deadline.get()
+    holder = getattr(scope_or_environ, "scope", None) or getattr(scope_or_environ, "environ", None)
+    mapping = holder if holder is not None else scope_or_environ
+    if isinstance(mapping, dict):
+        deadline = mapping.get("mesh.deadline")
+        return deadline if isinstance(deadline, Deadline) else None
     return None

@@ -305,6 +305,12 @@ class Route(_Strict):
     to: Annotated[list[Destination], Field(min_length=1)]
     retry_non_idempotent: bool = False
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> Route:
+        if not any(destination.weight for destination in self.to):
+            raise ValueError("every weight in 'to' is 0: at least one must be above 0")
+        return self
+
 
 class MirrorTarget(_Strict):
     version: str | None = None

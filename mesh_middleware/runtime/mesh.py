@@ -8,15 +8,17 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mesh_middleware import defaults
+from mesh_middleware.discovery.catalog import Discovery
 from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import service_id
 from mesh_middleware.identity.verifier import TokenVerifier
 from mesh_middleware.inbound.engine import InboundEngine
+from mesh_middleware.outbound.engine import OutboundEngine
 from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
@@ -25,6 +27,10 @@ from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
 from mesh_middleware.runtime.registry_link import RegistryLink
 from mesh_middleware.runtime.tokens import TokenCache
+
+if TYPE_CHECKING:
+    import httpx
+    import requests
 
 __all__ = ["Mesh", "resolve_mesh"]
 
@@ -109,6 +115,14 @@ class Mesh:
             BackgroundLoop("mesh-background", poll_interval, self._tick)
             if watch or self._link is not None
             else None
+        )
+        self.discovery = Discovery(
+            RegistryClient(self.registry_url, join_token, timeout=registry_timeout)
+            if self.registry_url is not None
+            else None
+        )
+        self.outbound = OutboundEngine(
+            lambda: self._state[0], self.discovery, registry=self.registry_url is not None
         )
 
     def _connect(
@@ -234,6 +248,45 @@ class Mesh:
             return None
         return link.tokens.fetch_now(audience, wait)
 
+    def cached_identity_token(self, audience: str) -> str | None:
+        """The cached JWT-SVID for calling ``audience``, or ``None``; never blocks."""
+        link = self._link
+        return link.tokens.get(audience) if link is not None else None
+
+    # -- outbound clients ----------------------------------------------------------------
+
+    def async_client(self, **options: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose calls to ``http://<service>/…`` go through the mesh.
+
+        ``options`` are passed to ``httpx.AsyncClient`` (``transport`` excepted); calls to
+        other hosts are sent as the client would, with a ``traceparent`` added.
+        """
+        import httpx
+
+        from mesh_middleware.adapters.httpx import AsyncMeshTransport
+
+        self.outbound.prefetch()
+        return httpx.AsyncClient(transport=AsyncMeshTransport(self), **options)
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An ``httpx.Client`` whose calls to ``http://<service>/…`` go through the mesh."""
+        import httpx
+
+        from mesh_middleware.adapters.httpx import MeshTransport
+
+        self.outbound.prefetch()
+        return httpx.Client(transport=MeshTransport(self), **options)
+
+    def requests_session(self) -> requests.Session:
+        """A ``requests.Session`` with the mesh's adapter mounted for ``http://`` and ``https://``.
+
+        Needs the ``requests`` package (``pip install mesh-middleware[requests]``).
+        """
+        from mesh_middleware.adapters.requests import mesh_session
+
+        self.outbound.prefetch()
+        return mesh_session(self)
+
     def note_server_address(self, host: object, port: object) -> None:
         """The address a request arrived on: the fallback when no listening socket is found.
 
@@ -253,6 +306,7 @@ class Mesh:
         loop = self._loop
         if link is None or loop is None:
             return
+        self.outbound.prefetch()
         with self._lifecycle:
             if not (link.started and loop.running):
                 link.start(framework)
@@ -329,6 +383,7 @@ class Mesh:
     def close(self) -> None:
         """Stop background work (policy watch, key refresh); with a registry, :meth:`stop` too."""
         self.stop()
+        self.discovery.close()
         if self._loop is not None:
             self._loop.stop()
         if self._link is not None:

@@ -1,0 +1,240 @@
+"""A requests ``HTTPAdapter`` that sends ``http://<service>/…`` through the mesh.
+
+>>> session = mesh.requests_session()  # doctest: +SKIP
+>>> session.get("http://inventory/items/1", timeout=2)  # doctest: +SKIP
+
+Same behaviour as the httpx transports (routing, balancing, retries, identity, trace context,
+deadline); the mesh's refusals are raised as requests' own exception types:
+``requests.ConnectionError`` (no healthy instance), ``requests.HTTPError`` with a 503
+``response`` (``max_concurrent`` reached), ``requests.exceptions.RetryError`` (retry budget
+spent) and ``requests.Timeout`` (deadline passed).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import requests
+import structlog
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
+
+from mesh_middleware import defaults
+from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
+from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
+from mesh_middleware.resilience.retry_policy import Failure
+from mesh_middleware.runtime.context import current_deadline, current_traceparent, new_traceparent
+
+if TYPE_CHECKING:
+    from mesh_middleware.runtime.mesh import Mesh
+
+__all__ = ["MeshAdapter", "mesh_session"]
+
+_IDENTITY = defaults.IDENTITY_HEADER
+_DEADLINE = defaults.DEADLINE_HEADER
+_FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
+_SHADOW = defaults.SHADOW_HEADER
+
+log = structlog.get_logger("mesh.outbound")
+
+
+def classify(exc: requests.RequestException) -> Failure | None:
+    """The retry condition a requests failure is, or ``None`` when no retry can help."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return Failure.CONNECT_FAILURE
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return Failure.TIMEOUT
+    if isinstance(exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
+        return None
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        cause = getattr(reason, "reason", reason)
+        if isinstance(cause, NewConnectionError | ConnectionRefusedError):
+            return Failure.CONNECT_FAILURE
+        return Failure.RESET
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return Failure.RESET
+    return None
+
+
+def _requests_error(
+    refused: CallRefused, request: requests.PreparedRequest
+) -> requests.RequestException:
+    message = refused.message
+    refusal = refused.refusal
+    if refusal is Refusal.NO_HEALTHY_INSTANCES:
+        return requests.exceptions.ConnectionError(message, request=request)
+    if refusal is Refusal.CIRCUIT_OPEN:
+        response = requests.Response()
+        response.status_code = 503
+        response.reason = "Service Unavailable"
+        response.headers["content-type"] = "application/json"
+        response.headers["x-mesh-error"] = refusal.value
+        response._content = json.dumps({"error": refusal.value, "reason": message}).encode()
+        response.request = request
+        response.url = request.url or ""
+        return requests.exceptions.HTTPError(message, request=request, response=response)
+    if refusal is Refusal.RETRY_BUDGET_EXHAUSTED:
+        return requests.exceptions.RetryError(message, request=request)
+    return requests.exceptions.Timeout(message, request=request)
+
+
+def _replayable(body: object) -> bool:
+    return body is None or isinstance(body, bytes | str)
+
+
+def _try_timeout(original: Any, seconds: float) -> tuple[float, float]:
+    if isinstance(original, tuple):
+        connect, read = original
+    else:
+        connect = read = original
+    return (
+        seconds if connect is None or connect > seconds else connect,
+        seconds if read is None or read > seconds else read,
+    )
+
+
+class MeshAdapter(HTTPAdapter):
+    """Mount on ``http://`` and ``https://``; non-mesh hosts are sent as HTTPAdapter would."""
+
+    def __init__(self, mesh: Mesh, **options: Any) -> None:
+        super().__init__(**options)
+        self.mesh = mesh
+        self.engine = mesh.outbound
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        parts = urlsplit(request.url or "")
+        destination = self.engine.destination(parts.hostname or "")
+        headers = request.headers
+        if destination is None:
+            if self.engine.trace_external and "traceparent" not in headers:
+                headers["traceparent"] = new_traceparent(current_traceparent.get())
+            return super().send(request, stream, timeout, verify, cert, proxies)
+        inherited = current_deadline.get()
+        now = time.monotonic()
+        if inherited is not None and inherited.at <= now:
+            raise requests.exceptions.Timeout(
+                f"{destination.service}: the caller's deadline had already passed",
+                request=request,
+            )
+        try:
+            call = Call(
+                destination,
+                request.method or "GET",
+                request.path_url,
+                headers,
+                replayable=_replayable(request.body),
+                deadline=inherited.at if inherited is not None else None,
+                now=now,
+            )
+        except CallRefused as refused:
+            raise _requests_error(refused, request) from None
+        try:
+            if call.endpoint_set is None:
+                call.endpoint_set = destination.wait_for_endpoints(
+                    min(_FIRST_WAIT, call.remaining(time.monotonic()))
+                )
+            token = self.mesh.identity_token(destination.service)
+            if token is not None and _IDENTITY not in headers:
+                headers[_IDENTITY] = token
+            if "traceparent" not in headers:
+                headers["traceparent"] = new_traceparent(current_traceparent.get())
+            headers["Host"] = parts.netloc.rpartition("@")[2]  # the service, not the instance
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            if call.mirrored and call.replayable:
+                self._mirror(call, request, target)
+            while True:
+                now = time.monotonic()
+                try:
+                    endpoint = call.pick(now)
+                except CallRefused as refused:
+                    raise _requests_error(refused, request) from None
+                request.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
+                headers[_DEADLINE] = str(int(call.remaining(now) * 1000))
+                limits = _try_timeout(timeout, call.try_timeout(now))
+                try:
+                    response = super().send(request, stream, limits, verify, cert, None)
+                except requests.RequestException as exc:
+                    failure = classify(exc)
+                    now = time.monotonic()
+                    if failure is None:
+                        call.broke(endpoint, now)
+                        raise
+                    verdict = call.failed(endpoint, failure, now)
+                    if verdict is Next.RETRY:
+                        time.sleep(call.delay)
+                        continue
+                    if verdict is Next.DEADLINE:
+                        raise requests.exceptions.Timeout(
+                            f"{destination.service}: deadline exceeded after {call.attempt} tries",
+                            request=request,
+                        ) from exc
+                    if verdict is Next.BUDGET:
+                        raise requests.exceptions.RetryError(
+                            f"{destination.service}: retry budget exhausted; not retrying "
+                            f"{type(exc).__name__}: {exc}",
+                            request=request,
+                        ) from exc
+                    raise
+                except BaseException:
+                    call.broke(endpoint, time.monotonic())
+                    raise
+                verdict = call.answered(
+                    endpoint,
+                    response.status_code,
+                    response.headers.get("retry-after"),
+                    time.monotonic(),
+                )
+                if verdict is not Next.RETRY:
+                    return response
+                response.close()
+                time.sleep(call.delay)
+        finally:
+            call.finish()
+
+    def _mirror(self, call: Call, request: requests.PreparedRequest, target: str) -> None:
+        endpoint_set = call.endpoint_set
+        subset = endpoint_set.subset(call.mirror_version) if endpoint_set is not None else ()
+        if not subset or not mirror_slots.take():
+            return
+        shadow = request.copy()
+        endpoint = random.choice(subset)
+        shadow.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
+        shadow.headers["Host"] = f"{call.destination.service}-shadow"
+        shadow.headers[_SHADOW] = "1"
+        seconds = call.try_timeout(time.monotonic())
+        shadow_executor().submit(self._send_shadow, shadow, seconds)
+
+    def _send_shadow(self, shadow: requests.PreparedRequest, seconds: float) -> None:
+        try:
+            response = super().send(shadow, timeout=(seconds, seconds))
+            response.close()
+        except Exception as exc:  # a shadow never affects the caller; only counted
+            log.debug("mirror_failed", url=shadow.url, error=type(exc).__name__)
+            mirror_slots.give(failed=True)
+        else:
+            mirror_slots.give()
+
+
+def mesh_session(mesh: Mesh) -> requests.Session:
+    """A ``requests.Session`` sending through ``mesh`` (``Mesh.requests_session`` calls it)."""
+    session = requests.Session()
+    adapter = MeshAdapter(mesh)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
