@@ -137,7 +137,12 @@ class Call:
         balancer = destination.balancer
         key = balancer.key_of(self.headers) if balancer.needs_key else None
         endpoint = balancer.pick(usable, key)
-        destination.outlier.picked(endpoint)
+        if not destination.outlier.picked(endpoint):
+            # Another call took this instance's one probe first: choose among the others.
+            others = [e for e in usable if e is not endpoint]
+            if others:
+                endpoint = balancer.pick(others, key)
+                destination.outlier.picked(endpoint)
         call_started(endpoint)
         self._try_started = now
         self.tried.append(endpoint)

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 _MAX_DEADLINE_MS = 24 * 3600 * 1000
+_MILLIS = re.compile(r"^[ \t]*[0-9]{1,12}[ \t]*$", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,7 @@ def deadline_from_header(value: str | bytes | None) -> Deadline | None:
     if value is None:
         return None
     text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text.isdigit() or len(text) > 12:
+    if _MILLIS.match(text) is None:
         return None
     millis = min(int(text), _MAX_DEADLINE_MS)
     return Deadline(time.monotonic() + millis / 1000)
