@@ -52,8 +52,8 @@ __all__ = [
 
 log = structlog.get_logger("mesh.outbound")
 
-_IDENTITY = defaults.IDENTITY_HEADER
-_DEADLINE = defaults.DEADLINE_HEADER
+_IDENTITY = defaults.IDENTITY_HEADER.encode("latin-1")
+_DEADLINE = defaults.DEADLINE_HEADER.encode("latin-1")
 _SHADOW = defaults.SHADOW_HEADER
 _FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
 
@@ -86,6 +86,40 @@ def aim(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
     if _FAST_URL and ":" not in endpoint.host:
         return _aim_fast(url, endpoint.scheme, endpoint.host, endpoint.port)
     return url.copy_with(scheme=endpoint.scheme, host=endpoint.host, port=endpoint.port)
+
+
+def _header_list_supported() -> bool:
+    # httpx.Headers' __contains__ and __setitem__ re-encode and rescan on every call (~3 µs
+    # each); the request path edits its list of (raw name, lower name, value) directly when
+    # that list behaves as expected, and uses the public methods otherwise.
+    try:
+        headers = httpx.Headers({"A": "1"})
+        entries = headers._list
+        if entries != [(b"A", b"a", b"1")]:
+            return False
+        entries.append((b"x-probe", b"x-probe", b"2"))
+        return headers.get("x-probe") == "2" and headers.raw == [(b"A", b"1"), (b"x-probe", b"2")]
+    except Exception:
+        return False
+
+
+_FAST_HEADERS = _header_list_supported()
+
+
+def set_header(headers: httpx.Headers, name: bytes, value: str, *, keep: bool = False) -> None:
+    """Set the lower-case header ``name``; with ``keep``, a value already there wins."""
+    if not _FAST_HEADERS:
+        key = name.decode("latin-1")
+        if not (keep and key in headers):
+            headers[key] = value
+        return
+    entries = headers._list
+    for index, entry in enumerate(entries):
+        if entry[1] == name:
+            if not keep:
+                entries[index] = (name, name, value.encode("latin-1"))
+            return
+    entries.append((name, name, value.encode("latin-1")))
 
 
 def classify(exc: httpx.TransportError) -> Failure | None:
@@ -127,9 +161,12 @@ class _Plane:
     def destination(self, request: httpx.Request) -> Destination | None:
         destination = self.engine.destination(request.url.host)
         if destination is None and self.engine.trace_external:
-            headers = request.headers
-            if "traceparent" not in headers:
-                headers["traceparent"] = new_traceparent(current_traceparent.get())
+            set_header(
+                request.headers,
+                b"traceparent",
+                new_traceparent(current_traceparent.get()),
+                keep=True,
+            )
         return destination
 
     def begin(self, destination: Destination, request: httpx.Request) -> Call:
@@ -152,9 +189,9 @@ class _Plane:
             )
         except CallRefused as refused:
             raise httpx_error(refused, request) from None
-        headers = request.headers
-        if "traceparent" not in headers:
-            headers["traceparent"] = new_traceparent(current_traceparent.get())
+        set_header(
+            request.headers, b"traceparent", new_traceparent(current_traceparent.get()), keep=True
+        )
         return call
 
     def aim(
@@ -168,7 +205,7 @@ class _Plane:
         request.url = aim(url, endpoint)
         seconds = call.try_timeout(now)
         request.extensions["timeout"] = _try_timeouts(timeouts, seconds)
-        request.headers[_DEADLINE] = str(int(call.remaining(now) * 1000))
+        set_header(request.headers, _DEADLINE, str(int(call.remaining(now) * 1000)))
         return endpoint
 
     def give_up(
@@ -200,7 +237,7 @@ class _Plane:
         endpoint = random.choice(subset)
         headers = request.headers.copy()
         headers["host"] = f"{call.destination.service}-shadow"
-        headers[_SHADOW] = "1"
+        headers[_SHADOW] = "1"  # a copy, off the request path
         seconds = call.try_timeout(time.monotonic())
         return httpx.Request(
             request.method,
@@ -212,8 +249,8 @@ class _Plane:
 
 
 def _identity(request: httpx.Request, token: str | None) -> None:
-    if token is not None and _IDENTITY not in request.headers:
-        request.headers[_IDENTITY] = token
+    if token is not None:
+        set_header(request.headers, _IDENTITY, token, keep=True)
 
 
 # -- async --------------------------------------------------------------------------------
@@ -284,7 +321,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 verdict = call.answered(
                     endpoint,
                     response.status_code,
-                    response.headers.get("retry-after"),
+                    response.headers.get("retry-after") if response.status_code >= 400 else None,
                     time.monotonic(),
                 )
                 if verdict is not Next.RETRY:
@@ -387,7 +424,7 @@ class MeshTransport(httpx.BaseTransport):
                 verdict = call.answered(
                     endpoint,
                     response.status_code,
-                    response.headers.get("retry-after"),
+                    response.headers.get("retry-after") if response.status_code >= 400 else None,
                     time.monotonic(),
                 )
                 if verdict is not Next.RETRY:
