@@ -20,6 +20,7 @@ import httpx
 
 from mesh_middleware import defaults
 from mesh_middleware._version import __version__
+from mesh_middleware.policy.durations import parse_duration
 
 __all__ = [
     "IssuedToken",
@@ -197,6 +198,26 @@ class RegistryClient:
             raise RegistryUnavailable("token: the answer lacks token or expires_at")
         return IssuedToken(token, audience, float(expires_at), _lifetime(token, expires_at))
 
+    def instances(
+        self, service: str, *, index: int | None, wait: str | None, timeout: float
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """``GET /v1/catalog/services/{service}?healthy=true``: the index and healthy instances.
+
+        With ``index`` (and ``wait``, e.g. ``"30s"``) it is a watch: the registry answers once the
+        service's index passes ``index`` or the wait (plus up to 1/16 of it) ends. ``timeout``
+        bounds each phase beyond that wait. A malformed answer raises ``RegistryUnavailable``.
+        """
+        path = f"/v1/catalog/services/{quote(service, safe='')}?healthy=true"
+        limit = timeout
+        if index is not None:
+            path += f"&index={index}"
+            if wait is not None:
+                path += f"&wait={quote(wait, safe='')}"
+            # The registry holds the answer back for the wait plus its jitter.
+            limit += _wait_seconds(wait) * 17 / 16
+        _, answer = self._ok("GET", path, timeout=limit)
+        return _instances_answer(answer)
+
     def _ok(
         self, method: str, path: str, *, body: Any = None, timeout: float | None = None
     ) -> tuple[int, Any]:
@@ -208,6 +229,46 @@ class RegistryClient:
 
 def _instance_path(service: str, instance: str) -> str:
     return f"/v1/catalog/services/{quote(service, safe='')}/instances/{quote(instance, safe='')}"
+
+
+_DEFAULT_WAIT_SECONDS = 30.0  # the registry's wait when a watch names none
+
+
+def _wait_seconds(wait: str | None) -> float:
+    if wait is None:
+        return _DEFAULT_WAIT_SECONDS
+    try:
+        return parse_duration(wait)
+    except ValueError:
+        raise ValueError(f"wait must be a duration like '30s', got {wait!r}") from None
+
+
+def _instances_answer(answer: Any) -> tuple[int, list[dict[str, Any]]]:
+    if not isinstance(answer, dict):
+        raise RegistryUnavailable("instances: the answer is not an object")
+    index, instances = answer.get("index"), answer.get("instances")
+    if type(index) is not int or index < 0:
+        raise RegistryUnavailable(f"instances: invalid index {index!r}")
+    if not isinstance(instances, list):
+        raise RegistryUnavailable("instances: the answer lacks an instance list")
+    for instance in instances:
+        if not _valid_instance(instance):
+            raise RegistryUnavailable(f"instances: malformed instance {str(instance)[:200]}")
+    return index, instances
+
+
+def _valid_instance(instance: Any) -> bool:
+    if not isinstance(instance, dict):
+        return False
+    port = instance.get("port")
+    return (
+        isinstance(instance.get("id"), str)
+        and isinstance(instance.get("address"), str)
+        and bool(instance["id"] and instance["address"])
+        and type(port) is int
+        and 1 <= port <= 65535
+        and all(isinstance(instance.get(k), str | None) for k in ("version", "zone"))
+    )
 
 
 def _reason(answer: Any) -> str:
