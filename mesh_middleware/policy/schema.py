@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -282,6 +284,18 @@ class Endpoint(_Strict):
     url: Annotated[str, Field(pattern=r"^https?://[^/\s]+/?$")]
     version: str | None = None
     zone: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _host_and_port(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError when out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from None
+        if not parts.hostname or parts.username is not None or port == 0:
+            raise ValueError(f"{url!r}: expected scheme://host[:port] with a port 1-65535")
+        return url
 
 
 class Destination(_Strict):

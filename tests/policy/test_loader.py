@@ -238,3 +238,30 @@ def test_normalized_patterns_are_accepted() -> None:
     """Upper-case escapes of reserved characters, prefixes and suffixes are fine."""
     text = "service: a\ninbound:\n  public: ['/caf%C3%A9', '/items/*', '*.json', '/a%20b', '/']\n"
     assert parse_policy(text).policy.inbound.public[0] == "/caf%C3%A9"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://:80", "expected scheme://host[:port]"),
+        ("http://user@host:80", "expected scheme://host[:port]"),
+        ("http://host:0", "expected scheme://host[:port]"),
+        ("ftp://host", "should match pattern"),
+        ("http://host/path", "should match pattern"),
+    ],
+)
+def test_static_endpoint_urls_are_checked(url: str, problem: str) -> None:
+    text = f"service: a\noutbound:\n  services:\n    b:\n      endpoints:\n        - url: '{url}'\n"
+    (issue,) = _issues(text)
+    assert "outbound.services.b.endpoints[0].url" in issue and problem in issue
+    assert issue.startswith("p.yaml:6:")
+
+
+def test_a_route_with_every_weight_zero_is_refused() -> None:
+    text = (
+        "service: a\noutbound:\n  services:\n    b:\n      routes:\n"
+        "        - to: [{version: v1, weight: 0}, {version: v2, weight: 0}]\n"
+    )
+    (issue,) = _issues(text)
+    assert "outbound.services.b.routes[0]" in issue and "every weight" in issue

@@ -462,7 +462,10 @@ def test_a_url_that_is_not_a_registry_is_an_outage_not_a_crash(
     assert (
         "mesh registry?" in next(e for e in logs if e["event"] == "registry_unreachable")["error"]
     )
-    assert len(registry.calls) <= 4  # 0.5 s, 1 s, ... not every tick
+    runtime_calls = [c for c in registry.calls if "/v1/catalog/services/" not in c.path]
+    assert len(runtime_calls) <= 4  # 0.5 s, 1 s, ... not every tick (watches back off alike)
+    watch_calls = [c for c in registry.calls if "/v1/catalog/services/" in c.path]
+    assert len(watch_calls) <= 4
 
 
 def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
