@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 import httpx
-import structlog
 
 from mesh_middleware import defaults
 from mesh_middleware.adapters.httpx_errors import (
@@ -50,7 +49,6 @@ __all__ = [
     "RetryBudgetExhausted",
 ]
 
-log = structlog.get_logger("mesh.outbound")
 
 _IDENTITY = defaults.IDENTITY_HEADER.encode("latin-1")
 _DEADLINE = defaults.DEADLINE_HEADER.encode("latin-1")
@@ -349,8 +347,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 await response.aread()
             finally:
                 await response.aclose()
-        except Exception as exc:  # a shadow never affects the caller; only counted
-            log.debug("mirror_failed", url=str(shadow.url), error=type(exc).__name__)
+        except Exception:  # a shadow never affects the caller; it is only counted
             mirror_slots.give(failed=True)
         else:
             mirror_slots.give()
@@ -441,8 +438,7 @@ class MeshTransport(httpx.BaseTransport):
                 response.read()
             finally:
                 response.close()
-        except Exception as exc:  # a shadow never affects the caller; only counted
-            log.debug("mirror_failed", url=str(shadow.url), error=type(exc).__name__)
+        except Exception:  # a shadow never affects the caller; it is only counted
             mirror_slots.give(failed=True)
         else:
             mirror_slots.give()

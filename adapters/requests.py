@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
-import structlog
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
@@ -39,8 +38,6 @@ _IDENTITY = defaults.IDENTITY_HEADER
 _DEADLINE = defaults.DEADLINE_HEADER
 _FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
 _SHADOW = defaults.SHADOW_HEADER
-
-log = structlog.get_logger("mesh.outbound")
 
 
 def classify(exc: requests.RequestException) -> Failure | None:
@@ -224,8 +221,7 @@ class MeshAdapter(HTTPAdapter):
         try:
             response = super().send(shadow, timeout=(seconds, seconds))
             response.close()
-        except Exception as exc:  # a shadow never affects the caller; only counted
-            log.debug("mirror_failed", url=shadow.url, error=type(exc).__name__)
+        except Exception:  # a shadow never affects the caller; it is only counted
             mirror_slots.give(failed=True)
         else:
             mirror_slots.give()

@@ -8,6 +8,7 @@ snapshot of one destination's instances, with its per-version subsets computed o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 __all__ = ["Endpoint", "EndpointSet"]
@@ -32,7 +33,7 @@ class Endpoint:
     # -- live state: balancing
     in_flight: int = 0
     ewma: float = 0.0  # seconds; 0.0 until the first response is observed
-    ewma_at: float = 0.0  # monotonic time of the last observation
+    ewma_at: float = field(default_factory=time.monotonic)  # last observation, or creation
     # -- live state: outlier detection
     consecutive_failures: int = 0
     ejections: int = 0  # how many times ejected (the next ejection lasts base * (this + 1))

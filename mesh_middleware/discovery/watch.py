@@ -117,6 +117,8 @@ class ServiceWatch:
             if not self._stop.is_set():
                 self._answer(requested, index, instances)
         except Exception as exc:  # a bug must not end discovery either
+            if self._stop.is_set():
+                return 0.0  # aborted by stop(): not an outage
             self._failed(exc)
             return self._backoff.next()
         elapsed = time.monotonic() - started

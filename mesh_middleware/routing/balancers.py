@@ -53,8 +53,8 @@ def call_finished(endpoint: Endpoint, latency: float, now: float) -> None:
     in_flight = endpoint.in_flight - 1
     endpoint.in_flight = in_flight if in_flight > 0 else 0
     sample = latency if latency > _MIN_ESTIMATE else _MIN_ESTIMATE
-    estimate = endpoint.ewma
-    if estimate == 0.0 or sample > estimate:
+    estimate = endpoint.ewma or EWMA_DEFAULT_SECONDS  # unmeasured: the default since creation
+    if sample > estimate:
         endpoint.ewma = sample
     else:
         elapsed = now - endpoint.ewma_at
@@ -67,15 +67,16 @@ def call_finished(endpoint: Endpoint, latency: float, now: float) -> None:
 def latency_estimate(endpoint: Endpoint, now: float) -> float:
     """The latency estimate of ``endpoint`` as read at ``now`` (seconds).
 
-    ``EWMA_DEFAULT_SECONDS`` until a first answer is measured. Between samples the estimate
+    ``EWMA_DEFAULT_SECONDS`` for an instance not measured yet. Between samples the estimate
     decays toward zero, as reading it does in tower and Finagle (they decay with a zero-latency
     sample), so an instance that was slow once is tried again after a while. Unlike theirs, the
     read does not write the decay back: reads stay lock-free, and since the decay is
     multiplicative the value read is the same.
     """
-    estimate = endpoint.ewma
-    if estimate == 0.0:
-        return EWMA_DEFAULT_SECONDS
+    # Unmeasured, the estimate is the default from the moment the instance appeared, and
+    # decays like any other (tower does the same): a caller that makes one call at a time
+    # still tries an instance that has not answered yet, once the others' estimates are lower.
+    estimate = endpoint.ewma or EWMA_DEFAULT_SECONDS
     elapsed = now - endpoint.ewma_at
     if elapsed > 0.0:
         return estimate * math.exp(-elapsed / EWMA_DECAY_SECONDS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -27,7 +28,8 @@ from mesh_middleware.routing.balancers import (
 
 
 def endpoints(n: int) -> list[Endpoint]:
-    return [Endpoint(f"i-{k}", "http", f"10.0.0.{k}", 8080) for k in range(n)]
+    # Created at time 0 of the fake clocks below.
+    return [Endpoint(f"i-{k}", "http", f"10.0.0.{k}", 8080, ewma_at=0.0) for k in range(n)]
 
 
 class FakeClock:
@@ -52,15 +54,26 @@ def test_in_flight_counts_and_never_drops_below_zero() -> None:
     assert e.in_flight == 0
 
 
-def test_unmeasured_endpoint_reads_the_default_estimate() -> None:
+def test_unmeasured_endpoint_reads_the_default_estimate_decaying_since_it_appeared() -> None:
     (e,) = endpoints(1)
-    assert latency_estimate(e, 12345.0) == EWMA_DEFAULT_SECONDS
+    assert latency_estimate(e, 0.0) == EWMA_DEFAULT_SECONDS
+    decayed = latency_estimate(e, EWMA_DECAY_SECONDS)
+    assert decayed == pytest.approx(EWMA_DEFAULT_SECONDS * math.exp(-1))
+    # so an instance nobody tried yet wins against ones answering in 5 ms, eventually
+    assert latency_estimate(e, 60.0) < 0.005
 
 
-def test_first_sample_is_taken_as_is_and_a_higher_one_replaces_it_at_once() -> None:
+def test_a_new_endpoint_appears_with_the_default_estimate() -> None:
+    before = time.monotonic()
+    fresh = Endpoint("i", "http", "10.0.0.1", 8080)
+    assert before <= fresh.ewma_at <= time.monotonic()
+    assert latency_estimate(fresh, fresh.ewma_at) == EWMA_DEFAULT_SECONDS
+
+
+def test_a_first_sample_long_after_creation_is_taken_and_a_higher_one_replaces_it() -> None:
     (e,) = endpoints(1)
-    call_finished(e, 0.010, 100.0)
-    assert e.ewma == 0.010
+    call_finished(e, 0.010, 100.0)  # the 30 ms default has had 100 s to fade
+    assert e.ewma == pytest.approx(0.010, rel=1e-3)
     assert e.ewma_at == 100.0
     call_finished(e, 0.500, 100.001)  # peak: no averaging with the earlier 10 ms
     assert e.ewma == 0.500
