@@ -183,3 +183,40 @@ def test_every_instance_ejected_still_routes_in_panic() -> None:
     assert c.pick(NOW) is not None  # panic: every instance rather than none
     c.finish()
     discovery.close()
+
+
+def test_calls_stay_in_the_callers_zone_and_spill_when_it_is_unhealthy() -> None:
+    policy = compile_policy_text(
+        "service: orders\nzone: eu-1\noutbound:\n  services:\n    inventory:\n"
+        "      outlier_detection: {consecutive_failures: 1, max_ejection_percent: 100}\n"
+        "      endpoints:\n"
+        "        - {url: 'http://127.0.0.1:9001', zone: eu-1}\n"
+        "        - {url: 'http://127.0.0.1:9002', zone: eu-2}\n"
+        "        - {url: 'http://127.0.0.1:9003', zone: eu-2}\n"
+    ).loaded.policy
+    discovery = Discovery(None)
+    discovery.set_static({"inventory": policy.outbound.services["inventory"].endpoints})
+    settings = resolve_settings(
+        policy.outbound.defaults, policy.outbound.services["inventory"], policy.zone
+    )
+    dest = Destination("inventory", settings, discovery)
+    zones = []
+    for _ in range(200):
+        c = call(dest)
+        endpoint = c.pick(NOW)
+        zones.append(endpoint.zone)
+        c.answered(endpoint, 200, None, NOW)
+        c.finish()
+    assert set(zones) == {"eu-1"}  # the local zone is healthy: everything stays there
+    c = call(dest)
+    local = c.pick(NOW)
+    assert local.zone == "eu-1"
+    c.failed(local, Failure.CONNECT_FAILURE, NOW)  # ejected: the local zone has nobody left
+    c.finish()
+    spilled = set()
+    for _ in range(50):
+        c = call(dest)
+        spilled.add(c.pick(NOW).zone)
+        c.finish()
+    assert spilled == {"eu-2"}
+    discovery.close()
