@@ -136,6 +136,9 @@ class RegistryLink:
             self._jwks_due = now + defaults.JWKS_REFRESH_SECONDS
         if self.started:
             self._register(now)
+        if self.started or self.tokens.audiences():
+            # A process that only calls others (no middleware, never started) still renews
+            # the tokens its clients asked for.
             self._renew_tokens()
 
     def _register(self, now: float) -> None:

@@ -248,3 +248,15 @@ def test_tokens_are_kept_through_an_outage(registry: FakeRegistry, mesh: Mesh) -
     assert time.monotonic() - started < 0.1
     registry.start()
     assert registry.wait_for(lambda: mesh.identity_token("never-seen", wait=0) is not None, 12.0)
+
+
+def test_a_process_that_only_calls_others_renews_its_tokens(
+    registry: FakeRegistry, mesh: Mesh
+) -> None:
+    """No middleware, so never started (nothing to register): tokens its clients fetched are
+    still renewed in the background at half-life, and it never registers."""
+    token = mesh.identity_token("billing")
+    assert token is not None
+    assert registry.wait_for(lambda: len(_posts(registry, "billing")) >= 2, 4.0)
+    assert mesh.identity_token("billing", wait=0) is not None
+    assert not registry.calls_to("PUT")
