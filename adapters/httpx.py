@@ -206,6 +206,29 @@ class _Plane:
         set_header(request.headers, _DEADLINE, str(int(call.remaining(now) * 1000)))
         return endpoint
 
+    def failed(
+        self, call: Call, endpoint: Endpoint, request: httpx.Request, exc: httpx.TransportError
+    ) -> None:
+        """A try failed: return to retry (after ``call.delay``), else raise what the caller gets."""
+        failure = classify(exc)
+        now = time.monotonic()
+        if failure is None:
+            call.broke(endpoint, now)
+            raise exc
+        verdict = call.failed(endpoint, failure, now)
+        if verdict is not Next.RETRY:
+            error = self.give_up(verdict, call, request, exc)
+            if error is exc:
+                raise exc
+            raise error from exc
+
+    @staticmethod
+    def answered(call: Call, endpoint: Endpoint, response: httpx.Response) -> bool:
+        """A try got an answer: ``True`` to return it, ``False`` to retry after ``call.delay``."""
+        status = response.status_code
+        retry_after = response.headers.get("retry-after") if status >= 400 else None
+        return call.answered(endpoint, status, retry_after, time.monotonic()) is not Next.RETRY
+
     def give_up(
         self, verdict: Next, call: Call, request: httpx.Request, exc: httpx.TransportError
     ) -> httpx.HTTPError:
@@ -300,29 +323,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 try:
                     response = await send(request)
                 except httpx.TransportError as exc:
-                    failure = classify(exc)
-                    now = time.monotonic()
-                    if failure is None:
-                        call.broke(endpoint, now)
-                        raise
-                    verdict = call.failed(endpoint, failure, now)
-                    if verdict is not Next.RETRY:
-                        error = plane.give_up(verdict, call, request, exc)
-                        if error is exc:
-                            raise
-                        raise error from exc
+                    plane.failed(call, endpoint, request, exc)  # returns only to retry
                     await anyio.sleep(call.delay)
                     continue
                 except BaseException:
                     call.broke(endpoint, time.monotonic())
                     raise
-                verdict = call.answered(
-                    endpoint,
-                    response.status_code,
-                    response.headers.get("retry-after") if response.status_code >= 400 else None,
-                    time.monotonic(),
-                )
-                if verdict is not Next.RETRY:
+                if plane.answered(call, endpoint, response):
                     return response
                 await response.aclose()
                 await anyio.sleep(call.delay)
@@ -402,29 +409,13 @@ class MeshTransport(httpx.BaseTransport):
                 try:
                     response = send(request)
                 except httpx.TransportError as exc:
-                    failure = classify(exc)
-                    now = time.monotonic()
-                    if failure is None:
-                        call.broke(endpoint, now)
-                        raise
-                    verdict = call.failed(endpoint, failure, now)
-                    if verdict is not Next.RETRY:
-                        error = plane.give_up(verdict, call, request, exc)
-                        if error is exc:
-                            raise
-                        raise error from exc
+                    plane.failed(call, endpoint, request, exc)  # returns only to retry
                     time.sleep(call.delay)
                     continue
                 except BaseException:
                     call.broke(endpoint, time.monotonic())
                     raise
-                verdict = call.answered(
-                    endpoint,
-                    response.status_code,
-                    response.headers.get("retry-after") if response.status_code >= 400 else None,
-                    time.monotonic(),
-                )
-                if verdict is not Next.RETRY:
+                if plane.answered(call, endpoint, response):
                     return response
                 response.close()
                 time.sleep(call.delay)

@@ -109,6 +109,16 @@ class _Keyless:
         return None
 
 
+def _two(candidates: Sequence[Endpoint], rand: Callable[[], float]) -> tuple[Endpoint, Endpoint]:
+    """Two distinct candidates drawn at random (``len(candidates) >= 2``)."""
+    n = len(candidates)
+    i = int(rand() * n)
+    j = int(rand() * (n - 1))
+    if j >= i:
+        j += 1
+    return candidates[i], candidates[j]
+
+
 class EwmaBalancer(_Keyless):
     """P2C over peak-EWMA cost: two distinct random candidates, the cheaper one wins."""
 
@@ -125,16 +135,9 @@ class EwmaBalancer(_Keyless):
 
     def pick(self, candidates: Sequence[Endpoint], key: str | None) -> Endpoint:
         """The cheaper of two distinct random candidates (ties go to the first drawn)."""
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        rand = self._random
-        i = int(rand() * n)
-        j = int(rand() * (n - 1))
-        if j >= i:
-            j += 1
-        a = candidates[i]
-        b = candidates[j]
+        a, b = _two(candidates, self._random)
         now = self._clock()
         cost_a = latency_estimate(a, now) * (a.in_flight + 1)
         cost_b = latency_estimate(b, now) * (b.in_flight + 1)
@@ -151,16 +154,9 @@ class LeastRequestBalancer(_Keyless):
 
     def pick(self, candidates: Sequence[Endpoint], key: str | None) -> Endpoint:
         """The one of two distinct random candidates with fewer calls in flight."""
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        rand = self._random
-        i = int(rand() * n)
-        j = int(rand() * (n - 1))
-        if j >= i:
-            j += 1
-        a = candidates[i]
-        b = candidates[j]
+        a, b = _two(candidates, self._random)
         return b if b.in_flight < a.in_flight else a
 
 
