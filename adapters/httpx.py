@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -50,8 +51,10 @@ __all__ = [
 ]
 
 
-_IDENTITY = defaults.IDENTITY_HEADER.encode("latin-1")
-_DEADLINE = defaults.DEADLINE_HEADER.encode("latin-1")
+_IDENTITY_NAME = defaults.IDENTITY_HEADER
+_DEADLINE_NAME = defaults.DEADLINE_HEADER
+_IDENTITY = _IDENTITY_NAME.encode("latin-1")
+_DEADLINE = _DEADLINE_NAME.encode("latin-1")
 _SHADOW = defaults.SHADOW_HEADER
 _FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
 
@@ -149,6 +152,50 @@ def _replayable(request: httpx.Request) -> bool:
     return type(request.stream) is httpx.ByteStream
 
 
+class _AsyncDeadlineStream(httpx.AsyncByteStream):
+    """The answer's body, cut off with ``DeadlineExceeded`` once the call's deadline passes."""
+
+    def __init__(self, stream: Any, call: Call, request: httpx.Request) -> None:
+        self._stream = stream
+        self._deadline = call.deadline
+        self._service = call.destination.service
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            if time.monotonic() > self._deadline:
+                raise _late(self._service, self._request)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    """The answer's body, cut off with ``DeadlineExceeded`` once the call's deadline passes."""
+
+    def __init__(self, stream: Any, call: Call, request: httpx.Request) -> None:
+        self._stream = stream
+        self._deadline = call.deadline
+        self._service = call.destination.service
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            if time.monotonic() > self._deadline:
+                raise _late(self._service, self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _late(service: str, request: httpx.Request) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"{service}: the deadline passed while reading the answer", request=request
+    )
+
+
 class _Plane:
     """What both transports do around sending: decide, decorate, aim, and map errors."""
 
@@ -158,13 +205,18 @@ class _Plane:
 
     def destination(self, request: httpx.Request) -> Destination | None:
         destination = self.engine.destination(request.url.host)
-        if destination is None and self.engine.trace_external:
-            set_header(
-                request.headers,
-                b"traceparent",
-                new_traceparent(current_traceparent.get()),
-                keep=True,
-            )
+        if destination is None:
+            headers = request.headers
+            # Fail closed: a mesh token or deadline copied onto a request for another host (a
+            # redirect a mesh service answered with, say) never leaves for that host.
+            if _IDENTITY_NAME in headers:
+                del headers[_IDENTITY_NAME]
+            if _DEADLINE_NAME in headers:
+                del headers[_DEADLINE_NAME]
+            if self.engine.trace_external:
+                set_header(
+                    headers, b"traceparent", new_traceparent(current_traceparent.get()), keep=True
+                )
         return destination
 
     def begin(self, destination: Destination, request: httpx.Request) -> Call:
@@ -184,6 +236,7 @@ class _Plane:
                 replayable=_replayable(request),
                 deadline=inherited.at if inherited is not None else None,
                 now=now,
+                url=request.url,
             )
         except CallRefused as refused:
             raise httpx_error(refused, request) from None
@@ -199,17 +252,19 @@ class _Plane:
         try:
             endpoint = call.pick(now)
         except CallRefused as refused:
+            request.url = url
             raise httpx_error(refused, request) from None
         request.url = aim(url, endpoint)
         seconds = call.try_timeout(now)
         request.extensions["timeout"] = _try_timeouts(timeouts, seconds)
-        set_header(request.headers, _DEADLINE, str(int(call.remaining(now) * 1000)))
+        set_header(request.headers, _DEADLINE, call.header_deadline(now))
         return endpoint
 
     def failed(
         self, call: Call, endpoint: Endpoint, request: httpx.Request, exc: httpx.TransportError
     ) -> None:
         """A try failed: return to retry (after ``call.delay``), else raise what the caller gets."""
+        request.url = call.url  # what the caller asked for, in errors and redirects alike
         failure = classify(exc)
         now = time.monotonic()
         if failure is None:
@@ -330,6 +385,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     call.broke(endpoint, time.monotonic())
                     raise
                 if plane.answered(call, endpoint, response):
+                    request.url = url  # redirects resolve against the service, not the instance
+                    response.stream = _AsyncDeadlineStream(response.stream, call, request)
                     return response
                 await response.aclose()
                 await anyio.sleep(call.delay)
@@ -356,6 +413,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 await response.aclose()
         except Exception:  # a shadow never affects the caller; it is only counted
             mirror_slots.give(failed=True)
+        except BaseException:  # cancelled (the client closed): the slot is free all the same
+            mirror_slots.give(failed=True)
+            raise
         else:
             mirror_slots.give()
 
@@ -416,6 +476,8 @@ class MeshTransport(httpx.BaseTransport):
                     call.broke(endpoint, time.monotonic())
                     raise
                 if plane.answered(call, endpoint, response):
+                    request.url = url  # redirects resolve against the service, not the instance
+                    response.stream = _DeadlineStream(response.stream, call, request)
                     return response
                 response.close()
                 time.sleep(call.delay)
@@ -431,6 +493,9 @@ class MeshTransport(httpx.BaseTransport):
                 response.close()
         except Exception:  # a shadow never affects the caller; it is only counted
             mirror_slots.give(failed=True)
+        except BaseException:  # cancelled (the client closed): the slot is free all the same
+            mirror_slots.give(failed=True)
+            raise
         else:
             mirror_slots.give()
 

@@ -117,6 +117,10 @@ class MeshAdapter(HTTPAdapter):
         destination = self.engine.destination(parts.hostname or "")
         headers = request.headers
         if destination is None:
+            # Fail closed: a mesh token or deadline copied onto a request for another host (a
+            # redirect a mesh service answered with, say) never leaves for that host.
+            headers.pop(_IDENTITY, None)
+            headers.pop(_DEADLINE, None)
             if self.engine.trace_external and "traceparent" not in headers:
                 headers["traceparent"] = new_traceparent(current_traceparent.get())
             return super().send(request, stream, timeout, verify, cert, proxies)
@@ -139,6 +143,8 @@ class MeshAdapter(HTTPAdapter):
             )
         except CallRefused as refused:
             raise _requests_error(refused, request) from None
+        original = request.url
+        added: list[str] = []
         try:
             if call.endpoint_set is None:
                 call.endpoint_set = destination.wait_for_endpoints(
@@ -147,9 +153,13 @@ class MeshAdapter(HTTPAdapter):
             token = self.mesh.identity_token(destination.service)
             if token is not None and _IDENTITY not in headers:
                 headers[_IDENTITY] = token
+                added.append(_IDENTITY)
             if "traceparent" not in headers:
                 headers["traceparent"] = new_traceparent(current_traceparent.get())
-            headers["Host"] = parts.netloc.rpartition("@")[2]  # the service, not the instance
+            if "Host" not in headers:
+                headers["Host"] = parts.netloc.rpartition("@")[2]  # the service, not the instance
+                added.append("Host")
+            added.append(_DEADLINE)
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
@@ -162,7 +172,7 @@ class MeshAdapter(HTTPAdapter):
                 except CallRefused as refused:
                     raise _requests_error(refused, request) from None
                 request.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
-                headers[_DEADLINE] = str(int(call.remaining(now) * 1000))
+                headers[_DEADLINE] = call.header_deadline(now)
                 limits = _try_timeout(timeout, call.try_timeout(now))
                 try:
                     response = super().send(request, stream, limits, verify, cert, None)
@@ -194,15 +204,20 @@ class MeshAdapter(HTTPAdapter):
                 verdict = call.answered(
                     endpoint,
                     response.status_code,
-                    response.headers.get("retry-after"),
+                    response.headers.get("retry-after") if response.status_code >= 400 else None,
                     time.monotonic(),
                 )
                 if verdict is not Next.RETRY:
+                    response.url = original or ""  # redirects resolve against the service
                     return response
                 response.close()
                 time.sleep(call.delay)
         finally:
             call.finish()
+            # What a redirect copies from this request is what the caller gave, nothing more.
+            request.url = original
+            for name in added:
+                headers.pop(name, None)
 
     def _mirror(self, call: Call, request: requests.PreparedRequest, target: str) -> None:
         endpoint_set = call.endpoint_set

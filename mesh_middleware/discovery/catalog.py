@@ -88,9 +88,14 @@ class Discovery:
         if found is not None:
             return found
         watch = self._watches.get(service)
-        if watch is not None:
+        if watch is not None and not self._in_outage():
             watch.answered.wait(timeout)
         return self._sets.get(service)
+
+    def _in_outage(self) -> bool:
+        # A watch that has answered and is not connected means the registry is down now: a
+        # new destination would only wait for the same failure.
+        return any(w.answered.is_set() and not w.connected for w in list(self._watches.values()))
 
     def watch(self, services: Iterable[str]) -> None:
         """Start watching ``services`` now, without waiting for any answer."""

@@ -12,6 +12,7 @@ import enum
 import random
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint, EndpointSet
@@ -73,6 +74,7 @@ class Call:
         "replayable",
         "started",
         "tried",
+        "url",
     )
 
     def __init__(
@@ -85,6 +87,7 @@ class Call:
         replayable: bool,
         deadline: float | None = None,
         now: float | None = None,
+        url: Any = None,
     ) -> None:
         """Begin a call; raises :class:`CallRefused` when the destination is at its limit.
 
@@ -99,6 +102,7 @@ class Call:
                 "(outbound max_concurrent)",
             )
         self.destination = destination
+        self.url = url  # the URL the caller asked for, for the adapters to put back
         self.method = method
         self.headers = headers
         self.replayable = replayable
@@ -171,6 +175,11 @@ class Call:
         """Seconds left before the deadline."""
         return max(self.deadline - now, 0.0)
 
+    def header_deadline(self, now: float) -> str:
+        """What ``x-mesh-deadline-ms`` says for a try starting now: the try's own limit, so a
+        callee stops when this try is abandoned (Envoy's expected-timeout header does the same)."""
+        return str(int(self.try_timeout(now) * 1000))
+
     # -- after a try ----------------------------------------------------------------------
 
     def answered(
@@ -198,8 +207,8 @@ class Call:
         """The try failed without an answer: raise its exception, retry, or say why not."""
         call_finished(endpoint, _FAILURE_LATENCY, now)
         self.destination.outlier.failure(endpoint, now, self._population())
-        if failure is Failure.TIMEOUT and now >= self.deadline:
-            return Next.DEADLINE
+        if now >= self.deadline:
+            return Next.DEADLINE  # whatever failed last, the call ran out of time
         policy = self.destination.retry
         if not policy.retry_failure(failure):
             return Next.DONE
@@ -210,9 +219,12 @@ class Call:
         return self._may_retry(now, None)
 
     def broke(self, endpoint: Endpoint, now: float) -> None:
-        """The try ended in a way no retry can help (cancelled, or a local error)."""
-        call_finished(endpoint, _FAILURE_LATENCY, now)
-        self.destination.outlier.failure(endpoint, now, self._population())
+        """The try ended without a verdict on the instance: the caller cancelled it, or it failed
+        on this side (a local protocol error). It is no longer in flight; nothing else counts,
+        so a caller's own timeouts never eject healthy instances."""
+        in_flight = endpoint.in_flight - 1
+        endpoint.in_flight = in_flight if in_flight > 0 else 0
+        self.destination.outlier.abandoned(endpoint)
 
     def _may_retry(self, now: float, retry_after: float | None) -> Next:
         if self.attempt > self.destination.retry.attempts or not self.replayable:

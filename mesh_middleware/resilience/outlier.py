@@ -100,6 +100,15 @@ class OutlierDetector:
             if endpoint.probing and endpoint.ejected_until <= now:
                 self._reinstate(endpoint, now)
 
+    def abandoned(self, endpoint: Endpoint) -> None:
+        """A try ended without telling anything about ``endpoint`` (the caller cancelled it, or
+        it failed on the caller's side): a probe it held is free again, nothing is counted."""
+        if not endpoint.probe_in_flight:
+            return
+        with self._lock:
+            endpoint.probe_in_flight = False
+            self._probes.pop(endpoint, None)
+
     def failure(self, endpoint: Endpoint, now: float, population: Sequence[Endpoint]) -> bool:
         """A try to ``endpoint`` failed (connect failure, reset, timeout or 5xx).
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import anyio
 import httpx
 import pytest
 from hypothesis import given
@@ -259,3 +260,94 @@ def test_aiming_a_url_is_copy_with(
     original = httpx.URL(f"http://inventory/{path}" + (f"?{query}" if query else ""))
     endpoint = Endpoint("id", scheme, host, port)
     assert aim(original, endpoint) == original.copy_with(scheme=scheme, host=host, port=port)
+
+
+def test_a_redirect_never_carries_the_identity_token_to_another_host(ups: Upstreams) -> None:
+    """A mesh service answering 302 to an outside host: the token and deadline stay home; a
+    relative redirect goes through the mesh again (to the service, not the instance)."""
+    mesh = mesh_for(f"    inventory:\n      endpoints:\n{endpoints(ups.ok[0])}")
+    outside = f"{url(ups.ok[1])}/landed"
+    with mesh.client(follow_redirects=True) as client:
+        client.headers["x-mesh-identity"] = "pretend-token"  # as a mesh call would carry
+        landed = client.get("http://inventory/redirect", params={"to": outside})
+        assert landed.json()["name"] == "ok1"
+        seen = landed.json()["headers"]
+        assert seen["x-mesh-identity"] is None and seen["x-mesh-deadline-ms"] is None
+        relative = client.get("http://inventory/redirect", params={"to": "/again"})
+    assert relative.json()["path"] == "/again" and relative.json()["headers"]["host"] == "inventory"
+    assert str(relative.url) == "http://inventory/again"
+    mesh.close()
+
+
+def test_the_timeout_covers_reading_the_answer(ups: Upstreams) -> None:
+    """A body trickled past the deadline is cut off, not waited for (one read at most late)."""
+    mesh = mesh_for(
+        f"    inventory:\n      timeout: 600ms\n      endpoints:\n{endpoints(ups.ok[0])}"
+    )
+    started = time.monotonic()
+    with mesh.client() as client, pytest.raises(DeadlineExceeded, match="reading"):
+        client.get("http://inventory/drip", params={"chunks": 20, "every": 0.1})
+    assert time.monotonic() - started < 1.5  # the whole body would take 2 s
+
+    async def main() -> None:
+        async with mesh.async_client() as client:
+            await client.get("http://inventory/drip", params={"chunks": 20, "every": 0.1})
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(main())
+    mesh.close()
+
+
+def test_the_deadline_header_says_what_this_try_may_take(ups: Upstreams) -> None:
+    mesh = mesh_for(
+        "    inventory:\n      retries: {per_try_timeout: 200ms}\n"
+        f"      endpoints:\n{endpoints(ups.ok[0])}"
+    )
+    with mesh.client() as client:
+        sent = client.get("http://inventory/x").json()["headers"]["x-mesh-deadline-ms"]
+    assert 150 <= int(sent) <= 200
+    mesh.close()
+
+
+def test_a_cancelled_call_frees_its_slot_and_ejects_nobody(ups: Upstreams) -> None:
+    mesh = mesh_for(
+        "    inventory:\n      max_concurrent: 1\n"
+        "      outlier_detection: {consecutive_failures: 1}\n"
+        f"      endpoints:\n{endpoints(ups.slow)}"
+    )
+
+    async def main() -> None:
+        async with mesh.async_client() as client:
+            for _ in range(3):
+                with anyio.move_on_after(0.05):
+                    await client.get("http://inventory/x")
+
+    asyncio.run(main())
+    destination = mesh.outbound.destination("inventory")
+    assert destination is not None
+    assert destination.in_flight == 0 and destination.outlier.ejected_count == 0
+    endpoint_set = destination.endpoints()
+    assert endpoint_set is not None and endpoint_set.endpoints[0].in_flight == 0
+    mesh.close()
+
+
+def test_mirror_slots_are_released_when_the_client_closes(ups: Upstreams) -> None:
+    from mesh_middleware.outbound.mirror import mirror_slots
+
+    mesh = mesh_for(
+        "    inventory:\n      mirror: {to: {version: shadow}, percent: 100}\n"
+        f"      endpoints:\n        - {{url: '{url(ups.ok[0])}', version: v1}}\n"
+        f"        - {{url: '{url(ups.slow)}', version: shadow}}\n"
+        "      routes:\n        - to: [{version: v1}]\n"
+    )
+    before = mirror_slots.in_flight
+
+    async def main() -> None:
+        async with mesh.async_client() as client:
+            for _ in range(5):
+                await client.get("http://inventory/x")
+        # closed while the slow shadows were still on their way
+
+    asyncio.run(main())
+    assert mirror_slots.in_flight == before
+    mesh.close()

@@ -110,3 +110,20 @@ def test_mirrored_requests_reach_the_shadow_only(ups: Upstreams) -> None:
     assert ups.stats(ups.ok[1]) == {"GET shadow": 3}
     session.close()
     mesh.close()
+
+
+def test_a_redirect_never_carries_mesh_headers_to_another_host(ups: Upstreams) -> None:
+    mesh = mesh_for(f"    inventory:\n      endpoints:\n{endpoints(ups.ok[0])}")
+    session = mesh.requests_session()
+    session.headers["x-mesh-identity"] = "pretend-token"
+    outside = f"{url(ups.ok[1])}/landed"
+    landed = session.get("http://inventory/redirect", params={"to": outside}, timeout=5)
+    seen = landed.json()["headers"]
+    assert landed.json()["name"] == "ok1"
+    assert seen["x-mesh-identity"] is None and seen["x-mesh-deadline-ms"] is None
+    assert seen["host"] == f"127.0.0.1:{ups.ok[1]}"  # not the service name
+    relative = session.get("http://inventory/redirect", params={"to": "/again"}, timeout=5)
+    assert relative.json()["path"] == "/again" and relative.json()["headers"]["host"] == "inventory"
+    assert relative.url == "http://inventory/again"
+    session.close()
+    mesh.close()

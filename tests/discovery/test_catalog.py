@@ -356,3 +356,24 @@ def test_a_registry_back_with_a_new_store_replaces_the_set(tmp_path: Path) -> No
     finally:
         if discovery is not None:
             discovery.close()
+
+
+@pytest.mark.slow
+def test_a_new_destination_does_not_wait_while_the_registry_is_known_down() -> None:
+    """A registry that accepts connections and never answers: once one watch has found it
+    down, a first call to another destination does not wait for the same failure."""
+    import socket
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # never accepted, never answered
+        port = hole.getsockname()[1]
+        discovery = Discovery(RegistryClient(f"http://127.0.0.1:{port}", timeout=0.5))
+        try:
+            assert discovery.wait("inventory", 5.0) is None  # its first poll times out
+            assert discovery.snapshot()["inventory"]["connected"] is False
+            begun = time.monotonic()
+            assert discovery.wait("billing", 5.0) is None
+            assert time.monotonic() - begun < 0.3  # not billing's own 0.5 s+ timeout
+        finally:
+            discovery.close()

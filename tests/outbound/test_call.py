@@ -221,3 +221,34 @@ def test_calls_stay_in_the_callers_zone_and_spill_when_it_is_unhealthy() -> None
         c.finish()
     assert spilled == {"eu-2"}
     discovery.close()
+
+
+def test_any_failure_once_the_deadline_has_passed_is_the_deadline(three: Destination) -> None:
+    """A connect timeout at the deadline is DeadlineExceeded for the caller, not ConnectTimeout."""
+    c = call(three, deadline=NOW + 0.5)
+    assert c.failed(c.pick(NOW), Failure.CONNECT_FAILURE, NOW + 0.5) is Next.DEADLINE
+    c.finish()
+
+
+def test_an_abandoned_try_counts_against_nobody(three: Destination) -> None:
+    """A caller's own cancellation neither ejects the instance nor looks like a slow answer."""
+    dest, discovery = destination(
+        THREE.replace("retries:", "outlier_detection: {consecutive_failures: 1}\n      retries:")
+    )
+    c = call(dest)
+    endpoint = c.pick(NOW)
+    assert endpoint.in_flight == 1
+    c.broke(endpoint, NOW)
+    c.finish()
+    assert endpoint.in_flight == 0 and endpoint.consecutive_failures == 0
+    assert endpoint.ewma == 0.0 and dest.outlier.ejected_count == 0
+    discovery.close()
+
+
+def test_the_deadline_header_is_the_tries_own_limit(three: Destination) -> None:
+    c = call(three)
+    assert c.header_deadline(NOW) == str(int(three.timeout * 1000))
+    short = call(three, deadline=NOW + 0.25)
+    assert short.header_deadline(NOW) == "250"
+    for each in (c, short):
+        each.finish()

@@ -13,10 +13,11 @@ import asyncio
 import os
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 NAME = os.environ.get("UPSTREAM_NAME", "upstream")
@@ -64,11 +65,31 @@ async def anything(request: Request) -> Response:
     )
 
 
+async def redirect(request: Request) -> Response:
+    """``/redirect?to=URL``: a 302 to anywhere (a relative URL too)."""
+    return Response(status_code=302, headers={"location": request.query_params["to"]})
+
+
+async def drip(request: Request) -> Response:
+    """``/drip?chunks=N&every=S``: a body trickled one chunk every S seconds."""
+    chunks = int(request.query_params.get("chunks", "10"))
+    every = float(request.query_params.get("every", "0.2"))
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(chunks):
+            await asyncio.sleep(every)
+            yield b"x"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
 app = Starlette(
     routes=[
         Route("/healthz", healthz),
         Route("/stats", stats),
         Route("/reset", reset, methods=["POST"]),
+        Route("/redirect", redirect),
+        Route("/drip", drip),
         Route("/{path:path}", anything, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
 )
