@@ -51,10 +51,9 @@ __all__ = [
 ]
 
 
-_IDENTITY_NAME = defaults.IDENTITY_HEADER
-_DEADLINE_NAME = defaults.DEADLINE_HEADER
-_IDENTITY = _IDENTITY_NAME.encode("latin-1")
-_DEADLINE = _DEADLINE_NAME.encode("latin-1")
+_IDENTITY = defaults.IDENTITY_HEADER.encode("latin-1")
+_DEADLINE = defaults.DEADLINE_HEADER.encode("latin-1")
+_MESH_ONLY = frozenset((_IDENTITY, _DEADLINE))
 _SHADOW = defaults.SHADOW_HEADER
 _FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
 
@@ -121,6 +120,21 @@ def set_header(headers: httpx.Headers, name: bytes, value: str, *, keep: bool = 
                 entries[index] = (name, name, value.encode("latin-1"))
             return
     entries.append((name, name, value.encode("latin-1")))
+
+
+def drop_headers(headers: httpx.Headers, names: frozenset[bytes]) -> None:
+    """Remove every header named in ``names`` (lower-case)."""
+    if not _FAST_HEADERS:
+        for name in names:
+            key = name.decode("latin-1")
+            if key in headers:
+                del headers[key]
+        return
+    entries = headers._list
+    for entry in entries:
+        if entry[1] in names:
+            entries[:] = [e for e in entries if e[1] not in names]
+            return
 
 
 def classify(exc: httpx.TransportError) -> Failure | None:
@@ -209,10 +223,7 @@ class _Plane:
             headers = request.headers
             # Fail closed: a mesh token or deadline copied onto a request for another host (a
             # redirect a mesh service answered with, say) never leaves for that host.
-            if _IDENTITY_NAME in headers:
-                del headers[_IDENTITY_NAME]
-            if _DEADLINE_NAME in headers:
-                del headers[_DEADLINE_NAME]
+            drop_headers(headers, _MESH_ONLY)
             if self.engine.trace_external:
                 set_header(
                     headers, b"traceparent", new_traceparent(current_traceparent.get()), keep=True

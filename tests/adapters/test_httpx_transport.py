@@ -351,3 +351,16 @@ def test_mirror_slots_are_released_when_the_client_closes(ups: Upstreams) -> Non
     asyncio.run(main())
     assert mirror_slots.in_flight == before
     mesh.close()
+
+
+def test_dropping_headers_matches_the_public_api() -> None:
+    from mesh_middleware.adapters.httpx import drop_headers
+
+    headers = httpx.Headers(
+        [("A", "1"), ("X-Mesh-Identity", "t"), ("b", "2"), ("x-mesh-identity", "u")]
+    )
+    drop_headers(headers, frozenset({b"x-mesh-identity", b"x-mesh-deadline-ms"}))
+    assert headers.raw == [(b"A", b"1"), (b"b", b"2")]
+    untouched = httpx.Headers({"a": "1"})
+    drop_headers(untouched, frozenset({b"x-mesh-identity"}))
+    assert untouched.raw == [(b"a", b"1")]
