@@ -18,7 +18,7 @@ from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint, EndpointSet
 from mesh_middleware.outbound.destination import Destination
 from mesh_middleware.resilience.retry_policy import Failure, backoff, parse_retry_after
-from mesh_middleware.routing.balancers import call_finished, call_started
+from mesh_middleware.routing.balancers import call_abandoned, call_finished, call_started
 from mesh_middleware.routing.routes import RouteChoice
 from mesh_middleware.routing.zones import prefer_zone
 
@@ -200,8 +200,8 @@ class Call:
         ):
             return Next.DONE
         wait = parse_retry_after(retry_after) if retry_after is not None else None
-        decision = self._may_retry(now, wait)
-        return Next.DONE if decision is not Next.RETRY else decision
+        # A retriable answer whose budget is spent is returned as it is (Envoy does the same).
+        return Next.RETRY if self._may_retry(now, wait) is Next.RETRY else Next.DONE
 
     def failed(self, endpoint: Endpoint, failure: Failure, now: float) -> Next:
         """The try failed without an answer: raise its exception, retry, or say why not."""
@@ -222,8 +222,7 @@ class Call:
         """The try ended without a verdict on the instance: the caller cancelled it, or it failed
         on this side (a local protocol error). It is no longer in flight; nothing else counts,
         so a caller's own timeouts never eject healthy instances."""
-        in_flight = endpoint.in_flight - 1
-        endpoint.in_flight = in_flight if in_flight > 0 else 0
+        call_abandoned(endpoint)
         self.destination.outlier.abandoned(endpoint)
 
     def _may_retry(self, now: float, retry_after: float | None) -> Next:

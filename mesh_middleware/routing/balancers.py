@@ -42,6 +42,12 @@ def call_started(endpoint: Endpoint) -> None:
     endpoint.in_flight += 1
 
 
+def call_abandoned(endpoint: Endpoint) -> None:
+    """A try to ``endpoint`` ended without telling its latency (cancelled): no longer in flight."""
+    in_flight = endpoint.in_flight - 1
+    endpoint.in_flight = in_flight if in_flight > 0 else 0
+
+
 def call_finished(endpoint: Endpoint, latency: float, now: float) -> None:
     """A try to ``endpoint`` ended after ``latency`` seconds: update its peak-EWMA estimate.
 
@@ -50,8 +56,7 @@ def call_finished(endpoint: Endpoint, latency: float, now: float) -> None:
     pulls the estimate toward it with the weight of the time since the last sample,
     ``estimate * w + sample * (1 - w)`` with ``w = exp(-elapsed / EWMA_DECAY_SECONDS)``.
     """
-    in_flight = endpoint.in_flight - 1
-    endpoint.in_flight = in_flight if in_flight > 0 else 0
+    call_abandoned(endpoint)
     sample = latency if latency > _MIN_ESTIMATE else _MIN_ESTIMATE
     estimate = endpoint.ewma or EWMA_DEFAULT_SECONDS  # unmeasured: the default since creation
     if sample > estimate:
