@@ -218,6 +218,14 @@ class RegistryClient:
         _, answer = self._ok("GET", path, timeout=limit)
         return _instances_answer(answer)
 
+    def report(self, body: dict[str, Any]) -> None:
+        """``POST /v1/telemetry/reports``: one telemetry report (see ``telemetry/reports.py``).
+
+        Raises ``RegistryUnavailable`` (keep the report, try later) or ``RegistryRefused``
+        (the registry will not take it: drop it).
+        """
+        self._ok("POST", "/v1/telemetry/reports", body=body)
+
     def _ok(
         self, method: str, path: str, *, body: Any = None, timeout: float | None = None
     ) -> tuple[int, Any]:
