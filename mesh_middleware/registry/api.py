@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh_middleware.policy.durations import parse_duration
-from mesh_middleware.registry import metrics, settings
+from mesh_middleware.registry import metrics, settings, telemetry
 from mesh_middleware.registry.catalog import Catalog, TooManyWatches
 from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
 from mesh_middleware.registry.models import (
@@ -31,6 +31,7 @@ from mesh_middleware.registry.models import (
     TokenRequest,
 )
 from mesh_middleware.registry.store import InstanceRecord
+from mesh_middleware.registry.telemetry import Telemetry, TelemetryReport
 
 __all__ = ["ApiError", "RegistryState", "routes"]
 
@@ -61,6 +62,8 @@ class RegistryState:
     store_url: str
     # One encoded answer per (service, healthy filter): replaced when the index moves.
     rendered: dict[tuple[str, bool], tuple[float, int, bytes]] = field(default_factory=dict)
+    # Rolling windows of edge reports (memory only: rebuilt from reports after a restart).
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
 
 def _state(request: Request) -> RegistryState:
@@ -358,6 +361,85 @@ async def rotate_keys(request: Request) -> Response:
     return _json({"kid": record.kid, "signs_from": record.activate_at})
 
 
+# -- telemetry -------------------------------------------------------------------------------
+
+
+async def telemetry_report(request: Request) -> Response:
+    state = _state(request)
+    try:
+        # The credential is checked before a body of up to 2 MiB is read and parsed.
+        token = _bearer(request)
+        if token is None and not state.dev:
+            raise ApiError(401, "unauthenticated", "a join token is required")
+        if (
+            token is not None
+            and not state.admin.matches(token)
+            and state.join_tokens.service_of(token) is None
+        ):
+            raise ApiError(401, "unauthenticated", "unknown or revoked join token")
+        raw = await _bounded_json(request, telemetry.MAX_REPORT_BYTES)
+        report: TelemetryReport = _validated(TelemetryReport, raw)
+        acting = _caller_service(request, dev_service=report.reporter)
+        if acting != report.reporter:
+            raise ApiError(
+                403, "forbidden", f"this join token is for {acting!r}, not {report.reporter!r}"
+            )
+    except ApiError:
+        telemetry.REPORTS.labels("rejected").inc()
+        raise
+    merged = state.telemetry.merge(report)
+    return _json(
+        {"accepted": merged.accepted, "dropped": merged.dropped, "stale": merged.stale},
+        status=202,
+    )
+
+
+async def telemetry_services(request: Request) -> Response:
+    state = _state(request)
+    window = _telemetry_window(request.query_params.get("window"))
+    covered, services = state.telemetry.services(window, state.catalog.services())
+    return _json({"window_seconds": window, "covered_seconds": covered, "services": services})
+
+
+async def telemetry_topology(request: Request) -> Response:
+    state = _state(request)
+    window = _telemetry_window(request.query_params.get("window"))
+    covered, nodes, edges = state.telemetry.topology(window, state.catalog.services())
+    return _json(
+        {"window_seconds": window, "covered_seconds": covered, "nodes": nodes, "edges": edges}
+    )
+
+
+def _telemetry_window(value: str | None) -> float:
+    """The window asked for (default 60s), rounded up to whole 10-second buckets."""
+    if value is None:
+        return 60.0
+    try:
+        seconds = float(value) if value.isascii() and value.isdigit() else parse_duration(value)
+    except (ValueError, OverflowError):
+        raise ApiError(400, "bad_request", "window must be a duration like '60s'") from None
+    low, high = telemetry.BUCKET_SECONDS, telemetry.MAX_WINDOW_SECONDS
+    if not 0 < seconds <= high:
+        raise ApiError(400, "bad_request", f"window must be more than 0s and at most {high:g}s")
+    return max(low, float(-(-seconds // low) * low))
+
+
+async def _bounded_json(request: Request, limit: int) -> Any:
+    """The JSON body, refused with a 413 beyond ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, "too_large", f"bodies here are limited to {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"bodies here are limited to {limit} bytes")
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+
+
 # -- operations ------------------------------------------------------------------------------
 
 
@@ -417,6 +499,9 @@ def routes() -> list[Route]:
         ("/v1/admin/join-tokens", list_join_tokens, ["GET"], "join_token_list"),
         ("/v1/admin/join-tokens/{token_id}", revoke_join_token, ["DELETE"], "join_token_revoke"),
         ("/v1/admin/keys/rotate", rotate_keys, ["POST"], "rotate"),
+        ("/v1/telemetry/reports", telemetry_report, ["POST"], "telemetry_report"),
+        ("/v1/telemetry/services", telemetry_services, ["GET"], "telemetry_services"),
+        ("/v1/telemetry/topology", telemetry_topology, ["GET"], "telemetry_topology"),
         ("/healthz", healthz, ["GET"], "healthz"),
     ]
     return [

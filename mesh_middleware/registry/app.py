@@ -94,6 +94,7 @@ async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
         ticks += 1
         try:
             state.catalog.expire()
+            state.telemetry.expire()
             await checker.tick()
             if ticks % 20 == 0:
                 state.keys.maintain()

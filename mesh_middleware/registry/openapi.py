@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from mesh_middleware._version import __version__
 from mesh_middleware.registry.models import JoinTokenRequest, Registration, TokenRequest
+from mesh_middleware.registry.telemetry import TelemetryReport
 
 __all__ = ["openapi_document"]
 
@@ -50,6 +51,12 @@ def _answers(ok: int, *refusals: int, description: str = "OK") -> dict[str, Any]
     return out
 
 
+_WINDOW = {
+    "name": "window",
+    "in": "query",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,3}(s|m)$", "default": "60s"},
+}
+
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -62,7 +69,7 @@ def openapi_document() -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
         }
     }
-    for model in (Registration, TokenRequest, JoinTokenRequest):
+    for model in (Registration, TokenRequest, JoinTokenRequest, TelemetryReport):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -150,6 +157,28 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Rotate the signing key",
                 "security": _BEARER,
                 "responses": _answers(200, 401),
+            }
+        },
+        "/v1/telemetry/reports": {
+            "post": {
+                "summary": "Report edge telemetry (one window of one process)",
+                "security": _BEARER,
+                "requestBody": _body(TelemetryReport),
+                "responses": _answers(202, 400, 401, 403, 413, description="Accepted"),
+            }
+        },
+        "/v1/telemetry/services": {
+            "get": {
+                "summary": "Golden metrics per service over a window",
+                "parameters": [_WINDOW],
+                "responses": _answers(200, 400),
+            }
+        },
+        "/v1/telemetry/topology": {
+            "get": {
+                "summary": "Services and edges with their golden metrics over a window",
+                "parameters": [_WINDOW],
+                "responses": _answers(200, 400),
             }
         },
         "/healthz": {
