@@ -1,7 +1,8 @@
 """The ``mesh`` command line (DESIGN §5).
 
 ``mesh registry …`` · ``mesh token create SERVICE`` · ``mesh services [--json]`` ·
-``mesh instances SERVICE [--json]`` · ``mesh policy check FILE…`` · ``mesh policy schema`` ·
+``mesh instances SERVICE [--json]`` · ``mesh stat [--window 60s] [--edges] [--json]`` ·
+``mesh policy check FILE…`` · ``mesh policy schema`` ·
 ``mesh policy explain FILE --from S --method M --path P [--header K=V]… [--json]`` ·
 ``mesh demo [--duration N]``.
 """
@@ -157,6 +158,95 @@ def _instances(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stat(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from mesh_middleware.registry.client import RegistryError, get_json
+
+    path = "/v1/telemetry/topology" if args.edges else "/v1/telemetry/services"
+    try:
+        body = get_json(args.registry, f"{path}?window={quote(args.window, safe='')}")
+    except RegistryError as exc:
+        print(f"mesh stat: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body))
+        return 0
+    try:
+        _stat_tables(body, edges=args.edges)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        print(f"mesh stat: unexpected answer from {args.registry}{path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stat_tables(body: dict[str, object], *, edges: bool) -> None:
+    """The services table (and the edges table) of a telemetry answer, drawn with rich."""
+    from typing import Any
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    def rate(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.2f}"
+
+    def percent(value: Any) -> str:
+        return "-" if value is None else f"{float(value) * 100:.2f}%"
+
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{float(value) * 1000:.1f}"
+
+    def golden(row: Any) -> list[str]:
+        latency = row["latency"]
+        return [
+            rate(row["rps"]),
+            percent(row["success_rate"]),
+            ms(latency["p50"]),
+            ms(latency["p95"]),
+            ms(latency["p99"]),
+        ]
+
+    window = float(body["window_seconds"])  # type: ignore[arg-type]
+    rows: Any = body["services"] if "services" in body else body["nodes"]
+    services = [row for row in rows if row["service"] != "anonymous"]
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    if not services:
+        console.print(f"no services and no traffic in the last {window:g}s")
+        return
+    table = Table(title=f"services, last {window:g}s", title_justify="left", box=box.SIMPLE)
+    for name in ("SERVICE", "RPS", "SUCCESS", "P50 ms", "P95 ms", "P99 ms", "INSTANCES"):
+        table.add_column(name, justify="left" if name == "SERVICE" else "right", no_wrap=True)
+    for row in services:
+        instances = f"{row['healthy_instances']}/{row['instances']}" if row["registered"] else "-"
+        table.add_row(str(row["service"]), *golden(row), instances)
+    console.print(table)
+    if not edges:
+        return
+    edge_rows: Any = body["edges"]
+    if not edge_rows:
+        console.print(f"no edges with traffic in the last {window:g}s")
+        return
+    table = Table(title=f"edges, last {window:g}s", title_justify="left", box=box.SIMPLE)
+    for name in (
+        "SOURCE",
+        "DESTINATION",
+        "RPS",
+        "SUCCESS",
+        "P50 ms",
+        "P95 ms",
+        "P99 ms",
+        "SEEN BY",
+    ):
+        justify = "left" if name in ("SOURCE", "DESTINATION", "SEEN BY") else "right"
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in edge_rows:
+        table.add_row(
+            str(row["source"]), str(row["destination"]), *golden(row), str(row["reporter"])
+        )
+    console.print(table)
+
+
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
@@ -261,6 +351,15 @@ def _parser() -> argparse.ArgumentParser:
     _registry_option(instances)
     instances.add_argument("--json", action="store_true")
     instances.set_defaults(run=_instances)
+
+    stat = commands.add_parser("stat", help="golden metrics per service (and per edge)")
+    _registry_option(stat)
+    stat.add_argument(
+        "--window", default="60s", metavar="DURATION", help="how far back (10s to 5m; default 60s)"
+    )
+    stat.add_argument("--edges", action="store_true", help="also show each source -> destination")
+    stat.add_argument("--json", action="store_true", help="print the registry's JSON answer")
+    stat.set_defaults(run=_stat)
 
     demo = commands.add_parser("demo", help="run sample apps with the mesh and drive traffic")
     demo.add_argument(
