@@ -37,6 +37,7 @@ __all__ = [
     "OutboundPolicy",
     "Policy",
     "Rule",
+    "Telemetry",
     "policy_json_schema",
 ]
 
@@ -366,6 +367,50 @@ class OutboundPolicy(_Strict):
     services: dict[ServiceName, DestinationPolicy] = Field(default_factory=dict)
 
 
+# --- telemetry: what the middleware and the clients record, and where they serve it ---
+
+
+def _metrics_path(value: str) -> str:
+    if not value.startswith("/") or "*" in value or "?" in value or "#" in value:
+        raise ValueError(f"{value!r}: the metrics path is a plain path starting with '/'")
+    problem = normalized_pattern_problem(value)
+    if problem:
+        raise ValueError(f"{value!r}: {problem}")
+    return value
+
+
+Ratio = Annotated[float, Field(ge=0, le=1, description="a fraction from 0 to 1")]
+
+
+class MetricsTelemetry(_Strict):
+    """Prometheus metrics, and the path the middleware serves them on."""
+
+    enabled: bool = True
+    path: Annotated[str, AfterValidator(_metrics_path)] = "/metrics"
+
+
+class AccessLogTelemetry(_Strict):
+    """One JSON line per request; ``sample`` of ordinary requests, errors and flagged always."""
+
+    enabled: bool = False
+    sample: Ratio = 1.0
+
+
+class TracingTelemetry(_Strict):
+    """Trace sampling for traces this app starts, and where spans are exported (if anywhere)."""
+
+    sample: Ratio = 1.0
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
+
+
+class Telemetry(_Strict):
+    """What the mesh records about requests, and how it exposes it."""
+
+    metrics: MetricsTelemetry = Field(default_factory=MetricsTelemetry)
+    access_log: AccessLogTelemetry = Field(default_factory=AccessLogTelemetry)
+    tracing: TracingTelemetry = Field(default_factory=TracingTelemetry)
+
+
 class Policy(_Strict):
     """One app's policy file."""
 
@@ -374,6 +419,7 @@ class Policy(_Strict):
     zone: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     inbound: InboundPolicy = Field(default_factory=InboundPolicy)
     outbound: OutboundPolicy = Field(default_factory=OutboundPolicy)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:

@@ -1,22 +1,418 @@
-"""Every metric the mesh exports, defined once (names follow Prometheus conventions)."""
+"""Every metric the mesh exports, defined once (names follow Prometheus conventions).
+
+Counters are declared without their ``_total`` suffix, which prometheus_client adds on
+exposition: ``mesh_requests`` is scraped as ``mesh_requests_total``. The request metrics use
+Istio's label set (DESIGN §6); :class:`RequestMetrics` is the hot-path recorder for them. The
+other metrics each have a small function (``count_retry``, ``set_ejected_endpoints``...), so
+callers never touch label order. The reference is docs/observability.md.
+
+Gauges declare a ``multiprocess_mode`` so that under ``PROMETHEUS_MULTIPROC_DIR`` (several
+gunicorn/uvicorn workers) the aggregate means something: see
+:mod:`mesh_middleware.telemetry.exposition`.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import math
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "ALL_FLAGS",
+    "AUTHORIZATION_DECISIONS",
     "AUTHORIZATION_DENIALS",
+    "BUDGET",
+    "BYTE_BUCKETS",
+    "CIRCUIT_OPEN",
+    "CLIENT_GONE",
+    "CONNECT_FAILURE",
+    "DEADLINE",
+    "DENIED",
+    "EJECTED_PANIC",
     "FAULTS_INJECTED",
+    "FAULT_ABORT",
+    "FAULT_DELAY",
+    "INVALID_PATH",
+    "LABEL_OVERFLOW",
+    "LATENCY_BUCKETS",
+    "MAX_LABEL_SETS",
+    "METRICS",
+    "NO_FLAGS",
+    "NO_HEALTHY",
+    "OUTBOUND_CIRCUIT_OPEN",
+    "OUTBOUND_EJECTED_ENDPOINTS",
+    "OUTBOUND_EJECTIONS",
+    "OUTBOUND_MIRROR_DROPPED",
+    "OUTBOUND_RETRIES",
+    "OUTBOUND_RETRY_BUDGET_EXHAUSTED",
+    "OVERFLOW",
     "POLICY_RELOADS",
     "REGISTRY_CALLS",
     "REGISTRY_CONNECTED",
     "REGISTRY_STALE_SECONDS",
+    "REQUESTS",
+    "REQUEST_BYTES",
+    "REQUEST_DURATION",
+    "REQUEST_LABELS",
+    "RESET",
+    "RESPONSE_BYTES",
+    "RETRIED",
+    "STANDARD_METHODS",
+    "TIMEOUT",
+    "UNAUTH",
+    "RequestMetrics",
+    "count_budget_exhausted",
+    "count_circuit_open",
+    "count_decision",
     "count_denial",
+    "count_ejection",
     "count_fault",
+    "count_mirror_dropped",
     "count_registry_call",
     "count_reload",
+    "count_retry",
+    "exposed_names",
+    "join_flags",
+    "method_label",
+    "set_ejected_endpoints",
     "set_registry_state",
 ]
+
+# --- buckets and labels -----------------------------------------------------------------------
+
+LATENCY_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+"""Request duration buckets in seconds: OpenTelemetry's HTTP semconv defaults (DESIGN §6)."""
+
+BYTE_BUCKETS: Final = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0)
+"""Body size buckets in bytes: decades from 100 B to 10 MB (Istio's size buckets, trimmed).
+
+Six finite buckets keep each label set at 9 series per size histogram; a decade is as fine as
+a size distribution needs for "which routes move large bodies"."""
+
+REQUEST_LABELS: Final = (
+    "reporter",
+    "source_service",
+    "destination_service",
+    "destination_version",
+    "route",
+    "method",
+    "response_code",
+    "response_flags",
+)
+"""Istio's request label set, trimmed (DESIGN §6)."""
+
+STANDARD_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+"""Methods kept as they are in the ``method`` label; any other method is ``OTHER``."""
+
+_METHOD_LABEL: Final = {m: m for m in STANDARD_METHODS}
+
+MAX_LABEL_SETS: Final = 10_000
+"""Distinct request label sets one :class:`RequestMetrics` records before it overflows."""
+
+OVERFLOW: Final = "overflow"
+"""The ``route`` value (and, past a second cap, every free-form label) of overflowed records."""
+
+_MAX_OVERFLOW_SETS: Final = 1_000
+
+# --- response flags (the ``response_flags`` label and the access log's ``flags``) -------------
+# A short, comma-joined set like Envoy's %RESPONSE_FLAGS%, always in ALL_FLAGS order.
+
+NO_FLAGS: Final = "-"
+"""Nothing out of the ordinary happened."""
+DENIED: Final = "DENIED"
+"""Inbound authorization refused the request (403), or would have in audit mode."""
+UNAUTH: Final = "UNAUTH"
+"""No valid mesh identity where one is required, or an invalid one (401)."""
+INVALID_PATH: Final = "INVALID_PATH"
+"""The path failed normalization (400 before authorization)."""
+FAULT_ABORT: Final = "FAULT_ABORT"
+"""A fault's abort answered instead of the app."""
+FAULT_DELAY: Final = "FAULT_DELAY"
+"""A fault's delay held the request first."""
+DEADLINE: Final = "DEADLINE"
+"""The caller's deadline had passed on arrival (504), or ran out during an outbound call."""
+TIMEOUT: Final = "TIMEOUT"
+"""An outbound call (or its last try) timed out waiting for the destination."""
+RETRIED: Final = "RETRIED"
+"""An outbound call took more than one try (whatever its final outcome)."""
+BUDGET: Final = "BUDGET"
+"""A retry was wanted but the retry budget refused it."""
+NO_HEALTHY: Final = "NO_HEALTHY"
+"""No instance of the destination (or of the chosen subset) was available."""
+EJECTED_PANIC: Final = "EJECTED_PANIC"
+"""Every instance was ejected, so the balancer picked among ejected ones (panic routing)."""
+CIRCUIT_OPEN: Final = "CIRCUIT_OPEN"
+"""The destination's concurrency limit (max_concurrent) refused the call (503)."""
+CONNECT_FAILURE: Final = "CONNECT_FAILURE"
+"""The outbound connection could not be made."""
+RESET: Final = "RESET"
+"""The connection broke after the request was sent (reset, refused stream)."""
+CLIENT_GONE: Final = "CLIENT_GONE"
+"""The caller went away (or cancelled) before the answer was complete."""
+
+ALL_FLAGS: Final = (
+    UNAUTH,
+    DENIED,
+    INVALID_PATH,
+    FAULT_DELAY,
+    FAULT_ABORT,
+    DEADLINE,
+    TIMEOUT,
+    NO_HEALTHY,
+    EJECTED_PANIC,
+    CIRCUIT_OPEN,
+    CONNECT_FAILURE,
+    RESET,
+    RETRIED,
+    BUDGET,
+    CLIENT_GONE,
+)
+"""Every response flag, in the order :func:`join_flags` writes them."""
+
+_FLAG_ORDER: Final = {flag: i for i, flag in enumerate(ALL_FLAGS)}
+
+
+def join_flags(flags: Iterable[str]) -> str:
+    """The label value for a set of flags: ``-`` for none, else comma-joined in a fixed order.
+
+    Unknown strings are dropped, so the label's values stay a bounded set."""
+    known = {flag for flag in flags if flag in _FLAG_ORDER}
+    if not known:
+        return NO_FLAGS
+    return ",".join(sorted(known, key=_FLAG_ORDER.__getitem__))
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label: a standard method as is, anything else ``OTHER``."""
+    return _METHOD_LABEL.get(method, "OTHER")
+
+
+# --- request metrics (Istio's standard metrics) ------------------------------------------------
+
+
+class _RequestFamilies:
+    """The four request metrics and the overflow counter, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "mesh_requests",
+            "Requests handled (reporter=destination) or sent (reporter=source).",
+            REQUEST_LABELS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "mesh_request_duration_seconds",
+            "Request duration in seconds, from the first byte in to the last byte out.",
+            REQUEST_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_bytes = Histogram(
+            "mesh_request_bytes",
+            "Request body size in bytes.",
+            REQUEST_LABELS,
+            buckets=BYTE_BUCKETS,
+            registry=registry,
+        )
+        self.response_bytes = Histogram(
+            "mesh_response_bytes",
+            "Response body size in bytes.",
+            REQUEST_LABELS,
+            buckets=BYTE_BUCKETS,
+            registry=registry,
+        )
+        self.overflow = Counter(
+            "mesh_metrics_label_overflow",
+            "Requests recorded under route=overflow because too many distinct label sets were "
+            f"seen (more than {MAX_LABEL_SETS} per reporter).",
+            ["reporter"],
+            registry=registry,
+        )
+
+
+_DEFAULT_FAMILIES = _RequestFamilies(REGISTRY)
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, _RequestFamilies] = (
+    weakref.WeakKeyDictionary({REGISTRY: _DEFAULT_FAMILIES})
+)
+
+REQUESTS: Final = _DEFAULT_FAMILIES.requests
+REQUEST_DURATION: Final = _DEFAULT_FAMILIES.duration
+REQUEST_BYTES: Final = _DEFAULT_FAMILIES.request_bytes
+RESPONSE_BYTES: Final = _DEFAULT_FAMILIES.response_bytes
+LABEL_OVERFLOW: Final = _DEFAULT_FAMILIES.overflow
+
+
+def _families(registry: CollectorRegistry | None) -> _RequestFamilies:
+    if registry is None:
+        return _DEFAULT_FAMILIES
+    families = _FAMILIES.get(registry)
+    if families is None:
+        families = _FAMILIES[registry] = _RequestFamilies(registry)
+    return families
+
+
+def _observer(histogram: Histogram) -> Callable[[float], None]:
+    """``histogram.observe`` without its per-bucket loop: one bisect and two increments.
+
+    prometheus_client's ``observe`` scans the buckets in Python and checks exemplars; this
+    does the same two value increments (sum and one bucket) through the same value objects,
+    so single- and multi-process storage both see exactly what ``observe`` would write. When
+    a future prometheus_client lays its histogram out differently, fall back to ``observe``.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if (
+        not isinstance(bounds, list)
+        or not isinstance(buckets, list)
+        or len(bounds) != len(buckets)
+        or not bounds
+        or bounds[-1] != math.inf
+        or not all(hasattr(b, "inc") for b in buckets)
+        or not hasattr(total, "inc")
+    ):
+        return histogram.observe
+    bound_list: list[float] = list(bounds)
+    incs = [b.inc for b in buckets]
+    add_total = total.inc  # type: ignore[union-attr]
+
+    def observe(amount: float) -> None:
+        add_total(amount)
+        incs[bisect_left(bound_list, amount)](1)
+
+    return observe
+
+
+def _incrementer(counter: Counter) -> Callable[[float], None]:
+    """``counter.inc`` without its checks (the amount is always 1): the value's own ``inc``."""
+    value = getattr(counter, "_value", None)
+    inc = getattr(value, "inc", None)
+    return inc if callable(inc) else counter.inc
+
+
+_Children = tuple[
+    Callable[[float], None],
+    Callable[[float], None],
+    Callable[[float], None],
+    Callable[[float], None],
+]
+
+
+class RequestMetrics:
+    """Records requests into the four request metrics for one reporter.
+
+    ``reporter`` is ``"destination"`` for the inbound middleware and ``"source"`` for the
+    outbound clients (Istio's meaning). The label children are cached per label tuple, so a
+    record is a dict lookup and four increments; past ``max_label_sets`` distinct tuples a new
+    tuple is recorded with ``route="overflow"`` and counted in ``mesh_metrics_label_overflow``.
+    Safe to call from any thread.
+    """
+
+    __slots__ = ("_children", "_families", "_max", "_overflow", "_overflow_count", "reporter")
+
+    def __init__(
+        self,
+        reporter: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_label_sets: int = MAX_LABEL_SETS,
+    ) -> None:
+        if reporter not in ("destination", "source"):
+            raise ValueError(f"reporter must be 'destination' or 'source', not {reporter!r}")
+        self.reporter = reporter
+        self._families = _families(registry)
+        self._max = max_label_sets
+        self._children: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
+        self._overflow: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
+        self._overflow_count = self._families.overflow.labels(reporter).inc
+
+    def record(
+        self,
+        source: str,
+        destination: str,
+        version: str,
+        route: str,
+        method: str,
+        status: int,
+        flags: str,
+        seconds: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """Count one request and observe its duration and body sizes.
+
+        ``status`` 0 means no response (connection failure, or the caller went away first);
+        ``flags`` is a :func:`join_flags` value (``-`` for none); negative or NaN amounts
+        count as 0."""
+        key = (
+            source,
+            destination,
+            version,
+            route,
+            _METHOD_LABEL.get(method, "OTHER"),
+            status,
+            flags,
+        )
+        children = self._children.get(key)
+        if children is None:
+            children = self._miss(key)
+        count, duration, sent, received = children
+        count(1)
+        duration(seconds if seconds >= 0 else 0.0)
+        sent(request_bytes if request_bytes >= 0 else 0)
+        received(response_bytes if response_bytes >= 0 else 0)
+
+    def _miss(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
+        if len(self._children) < self._max:
+            made = self._children[key] = self._make(key)
+            return made
+        self._overflow_count()
+        source, destination, version, _, method, status, flags = key
+        key = (source, destination, version, OVERFLOW, method, status, flags)
+        children: _Children | None = self._overflow.get(key)
+        if children is None:
+            if len(self._overflow) >= _MAX_OVERFLOW_SETS:
+                # Even the overflow sets are too many: keep only what is bounded by nature.
+                key = (OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, method, status, OVERFLOW)
+                children = self._overflow.get(key)
+            if children is None:
+                children = self._overflow[key] = self._make(key)
+        return children
+
+    def _make(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
+        source, destination, version, route, method, status, flags = key
+        labels = (self.reporter, source, destination, version, route, method, str(status), flags)
+        families = self._families
+        return (
+            _incrementer(families.requests.labels(*labels)),
+            _observer(families.duration.labels(*labels)),
+            _observer(families.request_bytes.labels(*labels)),
+            _observer(families.response_bytes.labels(*labels)),
+        )
+
+
+# --- the mesh's own metrics -------------------------------------------------------------------
 
 POLICY_RELOADS = Counter(
     "mesh_policy_reloads",
@@ -30,6 +426,13 @@ AUTHORIZATION_DENIALS = Counter(
     ["service", "rule", "mode"],
 )
 
+AUTHORIZATION_DECISIONS = Counter(
+    "mesh_authorization_decisions",
+    "Authorization decisions by rule (empty: the default) and action (allow, deny); "
+    "mode=audit counts what audit mode would have decided.",
+    ["service", "rule", "action", "mode"],
+)
+
 FAULTS_INJECTED = Counter(
     "mesh_faults_injected",
     "Faults injected into inbound requests, by fault and kind (delay, abort).",
@@ -38,14 +441,18 @@ FAULTS_INJECTED = Counter(
 
 REGISTRY_CONNECTED = Gauge(
     "mesh_registry_connected",
-    "1 while the last call to the registry succeeded, 0 while it is unreachable.",
+    "1 while the last call to the registry succeeded, 0 while it is unreachable "
+    "(several workers: the lowest of the live ones).",
     ["service"],
+    multiprocess_mode="livemin",
 )
 
 REGISTRY_STALE_SECONDS = Gauge(
     "mesh_registry_stale_seconds",
-    "Seconds since the registry last answered, while it is unreachable (0 when connected).",
+    "Seconds since the registry last answered, while it is unreachable (0 when connected; "
+    "several workers: the highest of the live ones).",
     ["service"],
+    multiprocess_mode="livemax",
 )
 
 REGISTRY_CALLS = Counter(
@@ -53,6 +460,105 @@ REGISTRY_CALLS = Counter(
     "Calls from this process to the registry, by operation and result (ok, refused, unavailable).",
     ["service", "operation", "result"],
 )
+
+OUTBOUND_RETRIES = Counter(
+    "mesh_outbound_retries",
+    "Retries sent by the outbound clients, by the reason of the try they replace "
+    "(connect-failure, reset, timeout, a status code...).",
+    ["source_service", "destination_service", "reason"],
+)
+
+OUTBOUND_RETRY_BUDGET_EXHAUSTED = Counter(
+    "mesh_outbound_retry_budget_exhausted",
+    "Retries that were wanted but refused by the retry budget.",
+    ["source_service", "destination_service"],
+)
+
+OUTBOUND_EJECTIONS = Counter(
+    "mesh_outbound_ejections",
+    "Instances ejected by outlier detection.",
+    ["destination_service"],
+)
+
+OUTBOUND_EJECTED_ENDPOINTS = Gauge(
+    "mesh_outbound_ejected_endpoints",
+    "Instances of the destination ejected right now (the breaker state; several workers: the "
+    "highest of the live ones, since each worker keeps its own outlier state).",
+    ["destination_service"],
+    multiprocess_mode="livemax",
+)
+
+OUTBOUND_CIRCUIT_OPEN = Counter(
+    "mesh_outbound_circuit_open",
+    "Calls refused because the destination's concurrency limit (max_concurrent) was reached.",
+    ["destination_service"],
+)
+
+OUTBOUND_MIRROR_DROPPED = Counter(
+    "mesh_outbound_mirror_dropped",
+    "Mirrored (shadow) requests dropped because the process-wide cap on them was reached.",
+)
+
+METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
+    REQUESTS,
+    REQUEST_DURATION,
+    REQUEST_BYTES,
+    RESPONSE_BYTES,
+    LABEL_OVERFLOW,
+    POLICY_RELOADS,
+    AUTHORIZATION_DENIALS,
+    AUTHORIZATION_DECISIONS,
+    FAULTS_INJECTED,
+    REGISTRY_CONNECTED,
+    REGISTRY_STALE_SECONDS,
+    REGISTRY_CALLS,
+    OUTBOUND_RETRIES,
+    OUTBOUND_RETRY_BUDGET_EXHAUSTED,
+    OUTBOUND_EJECTIONS,
+    OUTBOUND_EJECTED_ENDPOINTS,
+    OUTBOUND_CIRCUIT_OPEN,
+    OUTBOUND_MIRROR_DROPPED,
+)
+"""Every metric of the data plane (the registry service keeps its own, in its own registry)."""
+
+_SUFFIXES: Final = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+}
+
+
+def exposed_names() -> frozenset[str]:
+    """Every sample name the data plane's metrics can expose (``mesh_requests_total``...)."""
+    names: set[str] = set()
+    for metric in METRICS:
+        for family in metric.describe():
+            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return frozenset(names)
+
+
+class _LabelCache:
+    """``metric.labels(*values)`` children kept in a dict; bounded, then plain ``labels``."""
+
+    __slots__ = ("_children", "_metric")
+
+    _CAP = 2_000
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._metric.labels(*values)
+            if len(self._children) < self._CAP:
+                self._children[values] = child
+        return child
+
+
+_decisions = _LabelCache(AUTHORIZATION_DECISIONS)
+_retries = _LabelCache(OUTBOUND_RETRIES)
 
 
 def set_registry_state(service: str, connected: bool, stale_seconds: float) -> None:
@@ -72,8 +578,40 @@ def count_denial(service: str, rule: str | None, *, audit: bool) -> None:
     AUTHORIZATION_DENIALS.labels(service, rule or "", "audit" if audit else "enforce").inc()
 
 
+def count_decision(service: str, rule: str | None, *, allowed: bool, audit: bool) -> None:
+    """Count one authorization decision (``rule`` None: decided by the default)."""
+    _decisions(
+        service, rule or "", "allow" if allowed else "deny", "audit" if audit else "enforce"
+    ).inc()
+
+
 def count_fault(service: str, fault: str, delayed: bool, abort_status: int | None) -> None:
     if delayed:
         FAULTS_INJECTED.labels(service, fault, "delay").inc()
     if abort_status is not None:
         FAULTS_INJECTED.labels(service, fault, "abort").inc()
+
+
+def count_retry(source_service: str, destination_service: str, reason: str) -> None:
+    """Count one retry; ``reason`` is why the try it replaces failed (keep the set small)."""
+    _retries(source_service, destination_service, reason).inc()
+
+
+def count_budget_exhausted(source_service: str, destination_service: str) -> None:
+    OUTBOUND_RETRY_BUDGET_EXHAUSTED.labels(source_service, destination_service).inc()
+
+
+def count_ejection(destination_service: str) -> None:
+    OUTBOUND_EJECTIONS.labels(destination_service).inc()
+
+
+def set_ejected_endpoints(destination_service: str, ejected: int) -> None:
+    OUTBOUND_EJECTED_ENDPOINTS.labels(destination_service).set(ejected)
+
+
+def count_circuit_open(destination_service: str) -> None:
+    OUTBOUND_CIRCUIT_OPEN.labels(destination_service).inc()
+
+
+def count_mirror_dropped() -> None:
+    OUTBOUND_MIRROR_DROPPED.inc()

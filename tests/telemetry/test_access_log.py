@@ -1,0 +1,211 @@
+"""Access log lines: format, independence from the app's structlog setup, and sampling."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import threading
+from typing import Any
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_middleware.telemetry.access_log import FIELDS, AccessLog, render_json_line, sampled
+from mesh_middleware.telemetry.log_context import bind, unbind
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def request(**changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "direction": "inbound",
+        "method": "GET",
+        "path": "/items/1",
+        "route": "/items/{id}",
+        "status": 200,
+        "flags": "-",
+        "duration_ms": 1.23456,
+        "request_bytes": 0,
+        "response_bytes": 512,
+        "caller": "orders",
+        "destination": "inventory",
+    }
+    fields.update(changes)
+    return fields
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_one_json_line_with_every_field_in_order() -> None:
+    out = io.StringIO()
+    written = AccessLog(1.0, stream=out).log(
+        **request(path="/items/1?secret=x", upstream="10.0.0.5:8001", request_id="r-1"),
+        trace_id=TRACE,
+        span_id="00f067aa0ba902b7",
+    )
+    assert written
+    assert out.getvalue().count("\n") == 1
+    (line,) = lines(out)
+    assert list(line) == list(FIELDS)
+    assert line["ts"].endswith("Z") and len(line["ts"]) == len("2025-01-01T00:00:00.000Z")
+    assert line | {"ts": None} == {
+        "ts": None,
+        "level": "info",
+        "logger": "mesh.access",
+        "event": "access",
+        "direction": "inbound",
+        "method": "GET",
+        "path": "/items/1",  # the query never reaches the log
+        "route": "/items/{id}",
+        "status": 200,
+        "flags": "-",
+        "duration_ms": 1.235,
+        "request_bytes": 0,
+        "response_bytes": 512,
+        "caller": "orders",
+        "destination": "inventory",
+        "upstream": "10.0.0.5:8001",
+        "trace_id": TRACE,
+        "span_id": "00f067aa0ba902b7",
+        "request_id": "r-1",
+    }
+
+
+def test_missing_values_are_null_and_extras_follow() -> None:
+    out = io.StringIO()
+    AccessLog(stream=out).log(**request(caller=None, route=None), user_agent='curl "8"\n\u00e9')
+    (line,) = lines(out)
+    assert line["caller"] is None and line["route"] is None and line["trace_id"] is None
+    assert list(line)[-1] == "user_agent" and line["user_agent"] == 'curl "8"\n\u00e9'
+    assert out.getvalue().isascii()
+
+
+def test_the_line_is_json_whatever_the_app_configured_for_structlog() -> None:
+    structlog.configure(
+        processors=[structlog.dev.ConsoleRenderer(colors=False)],
+        logger_factory=structlog.ReturnLoggerFactory(),
+    )
+    try:
+        out = io.StringIO()
+        AccessLog(stream=out).log(**request())
+        assert lines(out)[0]["event"] == "access"
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_logger_of_your_own_gets_the_fields() -> None:
+    with structlog.testing.capture_logs() as logs:
+        assert AccessLog(logger=structlog.get_logger("mine")).log(**request(), trace_id=TRACE)
+    (entry,) = logs
+    assert entry["event"] == "access" and entry["trace_id"] == TRACE
+    assert entry["duration_ms"] == 1.235
+
+
+def test_ids_come_from_the_log_context_when_not_given() -> None:
+    out = io.StringIO()
+    token = bind(TRACE, "00f067aa0ba902b7")
+    try:
+        AccessLog(stream=out).log(**request())
+    finally:
+        unbind(token)
+    AccessLog(stream=out).log(**request())
+    first, second = lines(out)
+    assert (first["trace_id"], first["span_id"]) == (TRACE, "00f067aa0ba902b7")
+    assert second["trace_id"] is None
+
+
+def test_sampling_by_trace_id_is_the_otel_ratio_rule() -> None:
+    """Kept exactly when the lower 64 bits are below sample * 2**64: every service (and an
+    OpenTelemetry TraceIdRatioBased sampler at the same ratio) decides alike."""
+    assert sampled(0.5, "f" * 16 + "0" * 15 + "1")
+    assert not sampled(0.5, "0" * 16 + "8" + "0" * 15)
+    assert sampled(0.5, "0" * 16 + "7" + "f" * 15)
+    rng = random.Random(3)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(4000)]
+    first = [sampled(0.3, i) for i in ids]
+    assert first == [sampled(0.3, i) for i in ids]
+    assert 0.26 < sum(first) / len(ids) < 0.34
+    assert all(sampled(1.0, i) for i in ids) and not any(sampled(0.0, i) for i in ids)
+    assert isinstance(sampled(0.5, "not-hex-at-all"), bool)  # any string still decides
+
+
+def test_a_traces_lines_are_kept_or_dropped_together() -> None:
+    inbound, outbound = io.StringIO(), io.StringIO()
+    a, b = AccessLog(0.2, stream=inbound), AccessLog(0.2, stream=outbound)
+    rng = random.Random(5)
+    for _ in range(500):
+        trace = f"{rng.getrandbits(128):032x}"
+        assert a.log(**request(), trace_id=trace) == b.log(
+            **request(direction="outbound"), trace_id=trace
+        )
+    assert [x["trace_id"] for x in lines(inbound)] == [x["trace_id"] for x in lines(outbound)]
+
+
+def test_errors_and_flagged_requests_are_always_logged() -> None:
+    out = io.StringIO()
+    log = AccessLog(0.0, stream=out)
+    assert not log.log(**request(), trace_id=TRACE)
+    assert not log.log(**request(status=404))
+    assert log.log(**request(status=503), trace_id=TRACE)
+    assert log.log(**request(status=403, flags="DENIED"))
+    assert log.log(**request(status=200, flags="RETRIED"))
+    assert [x["status"] for x in lines(out)] == [503, 403, 200]
+
+
+def test_without_a_trace_the_choice_is_random() -> None:
+    random.seed(11)
+    log = AccessLog(0.5, stream=io.StringIO())
+    kept = sum(log.log(**request()) for _ in range(2000))
+    assert 850 < kept < 1150
+
+
+@pytest.mark.parametrize("sample", [-0.1, 1.5, math.nan])
+def test_sample_must_be_a_fraction(sample: float) -> None:
+    with pytest.raises(ValueError, match="sample"):
+        AccessLog(sample)
+
+
+def test_lines_from_many_threads_never_interleave() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out)
+
+    def work(n: int) -> None:
+        for i in range(500):
+            log.log(**request(path=f"/t{n}/{i}" + "x" * 200))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(lines(out)) == 4000
+
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+
+
+@given(st.dictionaries(st.text(), _json_scalars | st.lists(_json_scalars, max_size=3)))
+def test_the_renderer_agrees_with_the_json_module(event: dict[str, Any]) -> None:
+    line = render_json_line(None, "info", event)
+    assert "\n" not in line and line.isascii()
+    assert json.loads(line) == event
+
+
+def test_the_renderer_survives_odd_values() -> None:
+    line = json.loads(
+        render_json_line(None, "info", {"inf": math.inf, "nan": math.nan, "obj": object, "b": b"x"})
+    )
+    assert line["inf"] is None and line["nan"] is None
+    assert "class" in line["obj"] and line["b"] == "b'x'"
