@@ -27,6 +27,7 @@ from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
 from mesh_middleware.runtime.registry_link import RegistryLink
 from mesh_middleware.runtime.tokens import TokenCache
+from mesh_middleware.telemetry.reports import EdgeReporter
 
 if TYPE_CHECKING:
     import httpx
@@ -124,6 +125,7 @@ class Mesh:
         self.outbound = OutboundEngine(
             lambda: self._state[0], self.discovery, registry=self.registry_url is not None
         )
+        self.reporter = self._new_reporter()
 
     def _connect(
         self,
@@ -146,6 +148,13 @@ class Mesh:
             policy=lambda: self._state[0],
             apply_trust=self._apply_trust,
         )
+
+    def _new_reporter(self) -> EdgeReporter | None:
+        link = self._link
+        if link is None:
+            return None
+        client = link.client
+        return EdgeReporter(client.report, service=self.service, instance=self.instance_id)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Mesh:
@@ -331,6 +340,7 @@ class Mesh:
         with self._lifecycle:
             if self._loop is not None:
                 self._loop.stop()
+            self._report(force=True)  # the last window, before this instance leaves
             if link.started:
                 link.stop()
 
@@ -370,6 +380,7 @@ class Mesh:
             self._watch.check()
         if self._link is not None:
             self._link.tick()
+            self._report()
         if self.keys.source is None or self._keys_from_registry:
             return
         if self.keys.is_url:
@@ -379,6 +390,18 @@ class Mesh:
                 self._jwks_due = now + (defaults.JWKS_REFRESH_SECONDS if ok else 5.0)
         else:
             self.keys.refresh_if_changed()
+
+    def _report(self, *, force: bool = False) -> None:
+        reporter = self.reporter
+        if reporter is None:
+            return
+        if reporter.service != self.service:  # a reload renamed this service
+            reporter.tick(force=True)
+            reporter = self.reporter = self._new_reporter()
+            if reporter is None:
+                return
+        reporter.instance = self.instance_id
+        reporter.tick(force=force)
 
     def close(self) -> None:
         """Stop background work (policy watch, key refresh); with a registry, :meth:`stop` too."""

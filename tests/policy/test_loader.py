@@ -209,7 +209,14 @@ def test_json_schema_is_generated_from_the_models() -> None:
     """The JSON Schema forbids unknown keys and knows every top-level field."""
     schema = policy_json_schema()
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"service", "version", "zone", "inbound", "outbound"}
+    assert set(schema["properties"]) == {
+        "service",
+        "version",
+        "zone",
+        "inbound",
+        "outbound",
+        "telemetry",
+    }
     assert schema["required"] == ["service"]
     rule = schema["$defs"]["Rule"]
     assert "from" in rule["properties"] and rule["additionalProperties"] is False

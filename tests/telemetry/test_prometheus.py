@@ -1,7 +1,8 @@
 """The real tools: promtool lints the page, a real Prometheus scrapes a real server, and a
 multi-worker gunicorn answers every scrape with the same totals.
 
-Needs the Debian package ``prometheus`` (``prometheus`` and ``promtool``); skipped without it.
+Needs the Debian package ``prometheus`` (``prometheus`` and ``promtool``), which ``./dev test``
+installs; without it these tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -31,12 +32,21 @@ pytestmark = pytest.mark.slow
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)"
-)
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)"
-)
+needs_promtool = pytest.mark.usefixtures("_promtool_installed")
+needs_prometheus = pytest.mark.usefixtures("_prometheus_installed")
+
+
+@pytest.fixture
+def _promtool_installed() -> None:
+    if PROMTOOL is None:
+        pytest.fail("promtool is missing: apt-get install prometheus (./dev test installs it)")
+
+
+@pytest.fixture
+def _prometheus_installed() -> None:
+    if PROMETHEUS is None:
+        pytest.fail("prometheus is missing: apt-get install prometheus (./dev test installs it)")
+
 
 T = TypeVar("T")
 
