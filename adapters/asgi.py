@@ -17,15 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh_middleware import defaults
 from mesh_middleware.errors import RepeatedHeader
+from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body
-from mesh_middleware.runtime.context import (
-    current_deadline,
-    current_traceparent,
-    deadline_from_header,
-    parse_traceparent,
-)
+from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
+from mesh_middleware.runtime.context import current_deadline, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
+from mesh_middleware.telemetry import metrics
+from mesh_middleware.telemetry.exposition import render_metrics
 
 __all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "MeshMiddleware"]
 
@@ -113,6 +112,53 @@ async def _wait_for(future: Future[bool], seconds: float) -> None:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), seconds)
 
 
+class _Answer:
+    """Passes the app's messages on, noting the status and the body's size."""
+
+    __slots__ = ("_send", "bytes", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+        self.bytes = 0
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.bytes += len(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
+def _route_template(scope: Scope, entry_root: str) -> str:
+    """The route the app matched, as its template (``/items/{item}``), never the raw path.
+
+    Under a ``Mount`` the router adds the mount point to ``root_path``; it is part of the route.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    if not isinstance(template, str):
+        return "unmatched"
+    root = scope.get("root_path", "")
+    return root[len(entry_root) :] + template if root.startswith(entry_root) else template
+
+
+async def _serve_metrics(raw_headers: list[tuple[bytes, bytes]], send: Send) -> None:
+    accept = next((v.decode("latin-1") for k, v in raw_headers if k == b"accept"), None)
+    body, content_type = render_metrics(accept)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def _framework(app: object) -> str:
     """The app's framework, as reported in the instance's registry metadata."""
     if "fastapi" in sys.modules:
@@ -159,6 +205,7 @@ class MeshMiddleware:
             watch=watch,
         )
         self._engine = self.mesh.inbound
+        self._telemetry: InboundTelemetry = self.mesh.inbound_telemetry
         self._with_registry = self.mesh.registry_url is not None
         self._first_request = self._with_registry
 
@@ -179,6 +226,9 @@ class MeshMiddleware:
         duplicate = False
         deadline_header: bytes | None = None
         traceparent: bytes | None = None
+        tracestate: list[bytes] = []
+        request_id: bytes | None = None
+        request_bytes = 0
         raw_headers = scope["headers"]
         for key, value in raw_headers:
             if key == _IDENTITY_HEADER:
@@ -187,50 +237,85 @@ class MeshMiddleware:
             elif key == _DEADLINE_HEADER:
                 deadline_header = value
             elif key == b"traceparent":
-                traceparent = value
-        deadline = deadline_from_header(deadline_header) if deadline_header else None
-        if deadline is not None and deadline.expired:
-            await self._refuse(scope, receive, send, _EXPIRED)  # no work for a caller gone
-            return
-        root = scope.get("root_path", "")
-        raw_path = scope.get("raw_path")
-        if root:
-            raw_root, path = _split_root(scope, root)
-        else:
-            raw_root = ""
-            path = (
-                raw_path.decode("latin-1") if raw_path else quote(scope["path"], _SAFE_PATH_CHARS)
-            )
+                # Two traceparent fields are invalid (W3C): start a new trace.
+                traceparent = value if traceparent is None else b""
+            elif key == b"tracestate":
+                tracestate.append(value)
+            elif key == b"x-request-id":
+                request_id = value
+            elif key == b"content-length" and value.isdigit():
+                request_bytes = int(value)
         method = scope.get("method", "GET")
-        headers = _ScopeHeaders(raw_headers)
-        engine = self._engine
-        admission = engine.admit(method, path, token, headers, duplicate_token=duplicate)
-        if admission.unknown_kid is not None:
-            admission = await self._admit_after_refetch(admission, method, path, token, headers)
-        if admission.delay:
-            await anyio.sleep(admission.delay)
-        if admission.status is not None:
-            await self._refuse(scope, receive, send, admission)
+        telemetry = self._telemetry
+        if kind == "http" and scope.get("path") == telemetry.settings().metrics_path:
+            await _serve_metrics(raw_headers, send)  # public, as Prometheus has no identity
             return
-        if admission.path is not None:
-            # The app routes on exactly the path that was authorized.
-            scope = dict(scope)
-            scope["path"] = (root if raw_root else "") + unquote(admission.path)
-            scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
-        scope[CALLER_SCOPE_KEY] = admission.caller
-        if deadline is None and traceparent is None:
-            await self.app(scope, receive, send)
-            return
-        # Outbound calls made while serving this request inherit its deadline and trace.
-        deadline_token = current_deadline.set(deadline)
-        trace_token = current_traceparent.set(parse_traceparent(traceparent))
-        if deadline is not None:
-            scope[DEADLINE_SCOPE_KEY] = deadline
+        record = telemetry.begin(traceparent, tracestate, request_id, method)
+        answer = _Answer(send)
+        entry_root = scope.get("root_path", "")
+        flags = metrics.NO_FLAGS
+        caller: CallerIdentity | None = None
+        path = scope.get("path", "/")
         try:
-            await self.app(scope, receive, send)
+            deadline = deadline_from_header(deadline_header) if deadline_header else None
+            if deadline is not None and deadline.expired:
+                flags = metrics.DEADLINE
+                await self._refuse(scope, receive, answer.send, _EXPIRED)  # the caller has gone
+                return
+            root = scope.get("root_path", "")
+            raw_path = scope.get("raw_path")
+            if root:
+                raw_root, path = _split_root(scope, root)
+            else:
+                raw_root = ""
+                path = (
+                    raw_path.decode("latin-1")
+                    if raw_path
+                    else quote(scope["path"], _SAFE_PATH_CHARS)
+                )
+            headers = _ScopeHeaders(raw_headers)
+            engine = self._engine
+            admission = engine.admit(method, path, token, headers, duplicate_token=duplicate)
+            if admission.unknown_kid is not None:
+                admission = await self._admit_after_refetch(admission, method, path, token, headers)
+            caller = admission.caller
+            flags = admission_flags(admission)
+            if admission.path is not None:
+                path = admission.path
+            if admission.delay:
+                await anyio.sleep(admission.delay)
+            if admission.status is not None:
+                await self._refuse(scope, receive, answer.send, admission)
+                return
+            if admission.path is not None:
+                # The app routes on exactly the path that was authorized.
+                scope = dict(scope)
+                scope["path"] = (root if raw_root else "") + unquote(admission.path)
+                scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
+            scope[CALLER_SCOPE_KEY] = caller
+            if deadline is None:
+                await self.app(scope, receive, answer.send)
+                return
+            # Outbound calls made while serving this request never outlive its caller.
+            deadline_token = current_deadline.set(deadline)
+            scope[DEADLINE_SCOPE_KEY] = deadline
+            try:
+                await self.app(scope, receive, answer.send)
+            finally:
+                current_deadline.reset(deadline_token)
         finally:
-            current_traceparent.reset(trace_token)
-            current_deadline.reset(deadline_token)
+            telemetry.leave(record)
+            telemetry.end(
+                record,
+                caller=caller.service if caller is not None else None,
+                method=method,
+                path=path,
+                route=_route_template(scope, entry_root),
+                status=answer.status if answer.status or kind == "http" else 101,
+                flags=flags,
+                request_bytes=request_bytes,
+                response_bytes=answer.bytes,
+            )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         mesh = self.mesh

@@ -32,11 +32,14 @@ from mesh_middleware.adapters.httpx_errors import (
     httpx_error,
 )
 from mesh_middleware.discovery.endpoints import Endpoint
-from mesh_middleware.outbound.call import Call, CallRefused, Next
+from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.destination import Destination
 from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
+from mesh_middleware.outbound.telemetry import external_context
 from mesh_middleware.resilience.retry_policy import Failure
-from mesh_middleware.runtime.context import current_deadline, current_traceparent, new_traceparent
+from mesh_middleware.runtime.context import current_deadline
+from mesh_middleware.telemetry import metrics
+from mesh_middleware.telemetry.tracecontext import SpanContext
 
 if TYPE_CHECKING:
     from mesh_middleware.runtime.mesh import Mesh
@@ -74,7 +77,10 @@ def _fast_url_supported() -> bool:
 
 def _aim_fast(url: httpx.URL, scheme: str, host: str, port: int) -> httpx.URL:
     aimed = httpx.URL.__new__(httpx.URL)
-    aimed._uri_reference = url._uri_reference._replace(scheme=scheme, host=host, port=port)
+    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
+    aimed._uri_reference = url._uri_reference._replace(
+        scheme=scheme, host=host, port=None if default else port
+    )
     return aimed
 
 
@@ -137,6 +143,36 @@ def drop_headers(headers: httpx.Headers, names: frozenset[bytes]) -> None:
             return
 
 
+def _request_size(request: httpx.Request) -> int:
+    if type(request.stream) is not httpx.ByteStream:
+        return 0  # streamed: not known without reading it
+    try:
+        return len(request.content)
+    except httpx.RequestNotRead:  # a redirect's copy of the body
+        return 0
+
+
+def _trace(headers: httpx.Headers, context: SpanContext, *, keep: bool) -> None:
+    """Send ``context`` as ``traceparent`` (and its ``tracestate``)."""
+    set_header(headers, b"traceparent", context.traceparent(), keep=keep)
+    if context.tracestate is not None:
+        set_header(headers, b"tracestate", context.tracestate, keep=keep)
+
+
+_FLAG_OF_FAILURE = {
+    Failure.CONNECT_FAILURE: metrics.CONNECT_FAILURE,
+    Failure.RESET: metrics.RESET,
+    Failure.REFUSED_STREAM: metrics.RESET,
+    Failure.TIMEOUT: metrics.TIMEOUT,
+}
+_FLAG_OF_REFUSAL = {
+    Refusal.NO_HEALTHY_INSTANCES: metrics.NO_HEALTHY,
+    Refusal.CIRCUIT_OPEN: metrics.CIRCUIT_OPEN,
+    Refusal.RETRY_BUDGET_EXHAUSTED: metrics.BUDGET,
+    Refusal.DEADLINE_EXCEEDED: metrics.DEADLINE,
+}
+
+
 def classify(exc: httpx.TransportError) -> Failure | None:
     """The retry condition an httpx failure is, or ``None`` when no retry can help."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
@@ -166,42 +202,67 @@ def _replayable(request: httpx.Request) -> bool:
     return type(request.stream) is httpx.ByteStream
 
 
-class _AsyncDeadlineStream(httpx.AsyncByteStream):
-    """The answer's body, cut off with ``DeadlineExceeded`` once the call's deadline passes."""
+class _Answer:
+    """The answer's body as the caller reads it: cut off with ``DeadlineExceeded`` once the
+    call's deadline passes, counted, and the call recorded when the caller closes it."""
 
-    def __init__(self, stream: Any, call: Call, request: httpx.Request) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        plane: _Plane,
+        call: Call,
+        request: httpx.Request,
+        response: httpx.Response,
+        endpoint: Endpoint,
+    ) -> None:
         self._stream = stream
-        self._deadline = call.deadline
-        self._service = call.destination.service
+        self._plane = plane
+        self._call = call
         self._request = request
+        self._status = response.status_code
+        self._endpoint = endpoint
+        self._size = 0
+        self._late = False
 
+    def _check(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if time.monotonic() > self._call.deadline:
+            self._late = True
+            raise _late(self._call.destination.service, self._request)
+
+    def _finish(self) -> None:
+        plane, call = self._plane, self._call
+        if call.span is None or call.span.end_ns is None:
+            flags = [metrics.DEADLINE] if self._late else []
+            plane.finish(
+                call, self._request, self._status, flags, self._endpoint, response_bytes=self._size
+            )
+
+
+class _AsyncDeadlineStream(_Answer, httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._stream:
-            if time.monotonic() > self._deadline:
-                raise _late(self._service, self._request)
+            self._check(chunk)
             yield chunk
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        try:
+            await self._stream.aclose()
+        finally:
+            self._finish()
 
 
-class _DeadlineStream(httpx.SyncByteStream):
-    """The answer's body, cut off with ``DeadlineExceeded`` once the call's deadline passes."""
-
-    def __init__(self, stream: Any, call: Call, request: httpx.Request) -> None:
-        self._stream = stream
-        self._deadline = call.deadline
-        self._service = call.destination.service
-        self._request = request
-
+class _DeadlineStream(_Answer, httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._stream:
-            if time.monotonic() > self._deadline:
-                raise _late(self._service, self._request)
+            self._check(chunk)
             yield chunk
 
     def close(self) -> None:
-        self._stream.close()
+        try:
+            self._stream.close()
+        finally:
+            self._finish()
 
 
 def _late(service: str, request: httpx.Request) -> DeadlineExceeded:
@@ -216,6 +277,7 @@ class _Plane:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.engine = mesh.outbound
+        self.telemetry = mesh.outbound_telemetry
 
     def destination(self, request: httpx.Request) -> Destination | None:
         destination = self.engine.destination(request.url.host)
@@ -225,9 +287,7 @@ class _Plane:
             # redirect a mesh service answered with, say) never leaves for that host.
             drop_headers(headers, _MESH_ONLY)
             if self.engine.trace_external:
-                set_header(
-                    headers, b"traceparent", new_traceparent(current_traceparent.get()), keep=True
-                )
+                _trace(headers, external_context(), keep=True)
         return destination
 
     def begin(self, destination: Destination, request: httpx.Request) -> Call:
@@ -251,9 +311,6 @@ class _Plane:
             )
         except CallRefused as refused:
             raise httpx_error(refused, request) from None
-        set_header(
-            request.headers, b"traceparent", new_traceparent(current_traceparent.get()), keep=True
-        )
         return call
 
     def aim(
@@ -264,7 +321,10 @@ class _Plane:
             endpoint = call.pick(now)
         except CallRefused as refused:
             request.url = url
+            self.finish(call, request, 0, [_FLAG_OF_REFUSAL[refused.refusal]], None)
             raise httpx_error(refused, request) from None
+        span = call.span = self.telemetry.try_span(call, request.method)
+        _trace(request.headers, span.context, keep=False)
         request.url = aim(url, endpoint)
         seconds = call.try_timeout(now)
         request.extensions["timeout"] = _try_timeouts(timeouts, seconds)
@@ -278,22 +338,63 @@ class _Plane:
         request.url = call.url  # what the caller asked for, in errors and redirects alike
         failure = classify(exc)
         now = time.monotonic()
+        name = type(exc).__name__
         if failure is None:
             call.broke(endpoint, now)
+            self.finish(call, request, 0, [], endpoint, error=name)
             raise exc
         verdict = call.failed(endpoint, failure, now)
-        if verdict is not Next.RETRY:
-            error = self.give_up(verdict, call, request, exc)
-            if error is exc:
-                raise exc
-            raise error from exc
+        if verdict is Next.RETRY:
+            call.span.end(None, error=name)
+            self.telemetry.retried(call, failure.value)
+            return
+        flags = [_FLAG_OF_FAILURE[failure]]
+        if verdict is Next.DEADLINE:
+            flags.append(metrics.DEADLINE)
+        elif verdict is Next.BUDGET:
+            flags.append(metrics.BUDGET)
+        self.finish(call, request, 0, flags, endpoint, error=name)
+        error = self.give_up(verdict, call, request, exc)
+        if error is exc:
+            raise exc
+        raise error from exc
 
-    @staticmethod
-    def answered(call: Call, endpoint: Endpoint, response: httpx.Response) -> bool:
+    def answered(self, call: Call, endpoint: Endpoint, response: httpx.Response) -> bool:
         """A try got an answer: ``True`` to return it, ``False`` to retry after ``call.delay``."""
         status = response.status_code
         retry_after = response.headers.get("retry-after") if status >= 400 else None
-        return call.answered(endpoint, status, retry_after, time.monotonic()) is not Next.RETRY
+        if call.answered(endpoint, status, retry_after, time.monotonic()) is not Next.RETRY:
+            return True
+        call.span.end(status)
+        self.telemetry.retried(call, str(status))
+        return False
+
+    def finish(
+        self,
+        call: Call,
+        request: httpx.Request,
+        status: int,
+        flags: list[str],
+        endpoint: Endpoint | None,
+        *,
+        response_bytes: int = 0,
+        error: str | None = None,
+    ) -> None:
+        """The call is over: record it (the span, metrics, the edge report, the access log)."""
+        if call.panic:
+            flags.append(metrics.EJECTED_PANIC)
+        self.telemetry.finished(
+            call,
+            method=request.method,
+            status=status,
+            flags=flags,
+            version=endpoint.version if endpoint is not None else None,
+            upstream=endpoint.authority if endpoint is not None else None,
+            span=call.span,
+            request_bytes=_request_size(request),
+            response_bytes=response_bytes,
+            error=error,
+        )
 
     def give_up(
         self, verdict: Next, call: Call, request: httpx.Request, exc: httpx.TransportError
@@ -397,7 +498,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     raise
                 if plane.answered(call, endpoint, response):
                     request.url = url  # redirects resolve against the service, not the instance
-                    response.stream = _AsyncDeadlineStream(response.stream, call, request)
+                    response.stream = _AsyncDeadlineStream(
+                        response.stream, plane, call, request, response, endpoint
+                    )
                     return response
                 await response.aclose()
                 await anyio.sleep(call.delay)
@@ -488,7 +591,9 @@ class MeshTransport(httpx.BaseTransport):
                     raise
                 if plane.answered(call, endpoint, response):
                     request.url = url  # redirects resolve against the service, not the instance
-                    response.stream = _DeadlineStream(response.stream, call, request)
+                    response.stream = _DeadlineStream(
+                        response.stream, plane, call, request, response, endpoint
+                    )
                     return response
                 response.close()
                 time.sleep(call.delay)

@@ -24,10 +24,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from mesh_middleware import defaults
+from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
+from mesh_middleware.outbound.telemetry import external_context
 from mesh_middleware.resilience.retry_policy import Failure
-from mesh_middleware.runtime.context import current_deadline, current_traceparent, new_traceparent
+from mesh_middleware.runtime.context import current_deadline
+from mesh_middleware.telemetry import metrics
+from mesh_middleware.telemetry.tracecontext import SpanContext
 
 if TYPE_CHECKING:
     from mesh_middleware.runtime.mesh import Mesh
@@ -81,6 +85,30 @@ def _requests_error(
     return requests.exceptions.Timeout(message, request=request)
 
 
+def _trace(headers: Any, context: SpanContext) -> None:
+    headers["traceparent"] = context.traceparent()
+    if context.tracestate is not None:
+        headers["tracestate"] = context.tracestate
+
+
+def _size(body: object) -> int:
+    return len(body) if isinstance(body, bytes | str) else 0
+
+
+_FLAG_OF_FAILURE = {
+    Failure.CONNECT_FAILURE: metrics.CONNECT_FAILURE,
+    Failure.RESET: metrics.RESET,
+    Failure.REFUSED_STREAM: metrics.RESET,
+    Failure.TIMEOUT: metrics.TIMEOUT,
+}
+_FLAG_OF_REFUSAL = {
+    Refusal.NO_HEALTHY_INSTANCES: metrics.NO_HEALTHY,
+    Refusal.CIRCUIT_OPEN: metrics.CIRCUIT_OPEN,
+    Refusal.RETRY_BUDGET_EXHAUSTED: metrics.BUDGET,
+    Refusal.DEADLINE_EXCEEDED: metrics.DEADLINE,
+}
+
+
 def _replayable(body: object) -> bool:
     return body is None or isinstance(body, bytes | str)
 
@@ -122,7 +150,7 @@ class MeshAdapter(HTTPAdapter):
             headers.pop(_IDENTITY, None)
             headers.pop(_DEADLINE, None)
             if self.engine.trace_external and "traceparent" not in headers:
-                headers["traceparent"] = new_traceparent(current_traceparent.get())
+                _trace(headers, external_context())
             return super().send(request, stream, timeout, verify, cert, proxies)
         inherited = current_deadline.get()
         now = time.monotonic()
@@ -154,8 +182,7 @@ class MeshAdapter(HTTPAdapter):
             if token is not None and _IDENTITY not in headers:
                 headers[_IDENTITY] = token
                 added.append(_IDENTITY)
-            if "traceparent" not in headers:
-                headers["traceparent"] = new_traceparent(current_traceparent.get())
+            own_trace = "traceparent" in headers
             if "Host" not in headers:
                 headers["Host"] = parts.netloc.rpartition("@")[2]  # the service, not the instance
                 added.append("Host")
@@ -165,12 +192,18 @@ class MeshAdapter(HTTPAdapter):
                 target += "?" + parts.query
             if call.mirrored and call.replayable:
                 self._mirror(call, request, target)
+            telemetry = self.mesh.outbound_telemetry
+            method = request.method or "GET"
             while True:
                 now = time.monotonic()
                 try:
                     endpoint = call.pick(now)
                 except CallRefused as refused:
+                    self._finish(call, method, 0, [_FLAG_OF_REFUSAL[refused.refusal]], None)
                     raise _requests_error(refused, request) from None
+                span = call.span = telemetry.try_span(call, method)
+                if not own_trace:
+                    _trace(headers, span.context)
                 request.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
                 headers[_DEADLINE] = call.header_deadline(now)
                 limits = _try_timeout(timeout, call.try_timeout(now))
@@ -179,13 +212,23 @@ class MeshAdapter(HTTPAdapter):
                 except requests.RequestException as exc:
                     failure = classify(exc)
                     now = time.monotonic()
+                    name = type(exc).__name__
                     if failure is None:
                         call.broke(endpoint, now)
+                        self._finish(call, method, 0, [], endpoint, error=name)
                         raise
                     verdict = call.failed(endpoint, failure, now)
                     if verdict is Next.RETRY:
+                        span.end(None, error=name)
+                        telemetry.retried(call, failure.value)
                         time.sleep(call.delay)
                         continue
+                    flags = [_FLAG_OF_FAILURE[failure]]
+                    if verdict is Next.DEADLINE:
+                        flags.append(metrics.DEADLINE)
+                    elif verdict is Next.BUDGET:
+                        flags.append(metrics.BUDGET)
+                    self._finish(call, method, 0, flags, endpoint, error=name)
                     if verdict is Next.DEADLINE:
                         raise requests.exceptions.Timeout(
                             f"{destination.service}: deadline exceeded after {call.attempt} tries",
@@ -194,22 +237,35 @@ class MeshAdapter(HTTPAdapter):
                     if verdict is Next.BUDGET:
                         raise requests.exceptions.RetryError(
                             f"{destination.service}: retry budget exhausted; not retrying "
-                            f"{type(exc).__name__}: {exc}",
+                            f"{name}: {exc}",
                             request=request,
                         ) from exc
                     raise
                 except BaseException:
                     call.broke(endpoint, time.monotonic())
                     raise
+                status = response.status_code
                 verdict = call.answered(
                     endpoint,
-                    response.status_code,
-                    response.headers.get("retry-after") if response.status_code >= 400 else None,
+                    status,
+                    response.headers.get("retry-after") if status >= 400 else None,
                     time.monotonic(),
                 )
                 if verdict is not Next.RETRY:
+                    length = response.headers.get("content-length", "")
+                    self._finish(
+                        call,
+                        method,
+                        status,
+                        [],
+                        endpoint,
+                        request_bytes=_size(request.body),
+                        response_bytes=int(length) if length.isdigit() else 0,
+                    )
                     response.url = original or ""  # redirects resolve against the service
                     return response
+                span.end(status)
+                telemetry.retried(call, str(status))
                 response.close()
                 time.sleep(call.delay)
         finally:
@@ -218,6 +274,33 @@ class MeshAdapter(HTTPAdapter):
             request.url = original
             for name in added:
                 headers.pop(name, None)
+
+    def _finish(
+        self,
+        call: Call,
+        method: str,
+        status: int,
+        flags: list[str],
+        endpoint: Endpoint | None,
+        *,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        error: str | None = None,
+    ) -> None:
+        if call.panic:
+            flags.append(metrics.EJECTED_PANIC)
+        self.mesh.outbound_telemetry.finished(
+            call,
+            method=method,
+            status=status,
+            flags=flags,
+            version=endpoint.version if endpoint is not None else None,
+            upstream=endpoint.authority if endpoint is not None else None,
+            span=call.span,
+            request_bytes=request_bytes,
+            response_bytes=response_bytes,
+            error=error,
+        )
 
     def _mirror(self, call: Call, request: requests.PreparedRequest, target: str) -> None:
         endpoint_set = call.endpoint_set

@@ -9,15 +9,14 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from mesh_middleware import defaults
+from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body, status_line
-from mesh_middleware.runtime.context import (
-    current_deadline,
-    current_traceparent,
-    deadline_from_header,
-    parse_traceparent,
-)
+from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
+from mesh_middleware.runtime.context import current_deadline, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
+from mesh_middleware.telemetry import metrics
+from mesh_middleware.telemetry.exposition import render_metrics
 
 __all__ = ["CALLER_ENVIRON_KEY", "DEADLINE_ENVIRON_KEY", "MeshWSGIMiddleware"]
 
@@ -82,6 +81,54 @@ def _raw_path(environ: WSGIEnviron) -> str:
     return quote(path_info.encode("latin-1"), _SAFE_PATH_CHARS)
 
 
+class _Answer:
+    """Passes ``start_response`` on, noting the status."""
+
+    __slots__ = ("_start_response", "status")
+
+    def __init__(self, start_response: StartResponse) -> None:
+        self._start_response = start_response
+        self.status = 0
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        code = status[:3]
+        self.status = int(code) if code.isdigit() else 0
+        if exc_info is not None:
+            return self._start_response(status, headers, exc_info)
+        return self._start_response(status, headers)
+
+
+class _Body:
+    """The app's response body, counted as the server sends it; recorded once it is closed."""
+
+    __slots__ = ("_finish", "_iterable", "_size")
+
+    def __init__(self, iterable: Iterable[bytes], finish: Callable[[int], None]) -> None:
+        self._iterable = iterable
+        self._finish = finish
+        self._size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._iterable:
+            self._size += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._finish(self._size)
+
+
+def _route_template(environ: WSGIEnviron) -> str:
+    """The route Flask (Werkzeug) matched, as its rule (``/items/<item>``), never the raw path."""
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    return rule if isinstance(rule, str) else "unmatched"
+
+
 def _framework(app: object) -> str:
     """The app's framework (``flask`` for ``flask_app.wsgi_app``), for registry metadata."""
     owner = getattr(app, "__self__", app)
@@ -122,6 +169,7 @@ class MeshWSGIMiddleware:
             watch=watch,
         )
         self._engine = self.mesh.inbound
+        self._telemetry: InboundTelemetry = self.mesh.inbound_telemetry
         # WSGI has no startup hook. The registry work starts now — an app is wrapped when a
         # server loads it, and an instance must appear before its first request, since no
         # caller finds it until then — and again (idempotently) at the first request in each
@@ -135,48 +183,89 @@ class MeshWSGIMiddleware:
             self._first_request = False
             self.mesh.start(_framework(self.app))  # quick and idempotent; deregisters at exit
             self.mesh.note_server_address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
-        deadline = deadline_from_header(environ.get("HTTP_X_MESH_DEADLINE_MS"))
-        if deadline is not None and deadline.expired:
-            start_response(
-                status_line(504),
-                [("Content-Type", "application/json"), ("Content-Length", str(len(_EXPIRED)))],
-            )
-            return [_EXPIRED]
-        token = environ.get("HTTP_X_MESH_IDENTITY")
-        raw_path = _raw_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
-        headers = _EnvironHeaders(environ)
-        # WSGI servers join repeated headers with ','; a JWS never contains one.
-        duplicate = token is not None and "," in token
-        admission = self._engine.admit(method, raw_path, token, headers, duplicate_token=duplicate)
-        if admission.unknown_kid is not None:
-            admission = self._admit_after_refetch(admission, method, raw_path, token, headers)
-        if admission.delay:
-            time.sleep(admission.delay)
-        if admission.status is not None:
-            body = admission.body
+        telemetry = self._telemetry
+        if environ.get("PATH_INFO") == telemetry.settings().metrics_path:
+            body, content_type = render_metrics(environ.get("HTTP_ACCEPT"))
             start_response(
-                status_line(admission.status),
-                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))]
             )
-            return [body]
-        if admission.path is not None:
-            environ["PATH_INFO"] = unquote(admission.path, encoding="latin-1")
-        environ[CALLER_ENVIRON_KEY] = admission.caller
-        traceparent = environ.get("HTTP_TRACEPARENT")
-        if deadline is None and traceparent is None:
-            return self.app(environ, start_response)
-        # Outbound calls made while serving this request inherit its deadline and trace (a
-        # response body generated after the view returned runs without them).
-        deadline_token = current_deadline.set(deadline)
-        trace_token = current_traceparent.set(parse_traceparent(traceparent))
-        if deadline is not None:
-            environ[DEADLINE_ENVIRON_KEY] = deadline
+            return [body]  # public, as Prometheus has no identity
+        tracestate = environ.get("HTTP_TRACESTATE")
+        record = telemetry.begin(
+            environ.get("HTTP_TRACEPARENT"),
+            (tracestate,) if tracestate is not None else (),
+            environ.get("HTTP_X_REQUEST_ID"),
+            method,
+        )
+        answer = _Answer(start_response)
+        caller: CallerIdentity | None = None
+        raw_path = environ.get("PATH_INFO", "/")
+        flags = metrics.NO_FLAGS
+
+        def finish(response_bytes: int) -> None:
+            length = environ.get("CONTENT_LENGTH")
+            telemetry.end(
+                record,
+                caller=caller.service if caller is not None else None,
+                method=method,
+                path=raw_path,
+                route=_route_template(environ),
+                status=answer.status,
+                flags=flags,
+                request_bytes=int(length) if length and length.isdigit() else 0,
+                response_bytes=response_bytes,
+            )
+
         try:
-            return self.app(environ, start_response)
+            deadline = deadline_from_header(environ.get("HTTP_X_MESH_DEADLINE_MS"))
+            if deadline is not None and deadline.expired:
+                flags = metrics.DEADLINE
+                answer.start_response(
+                    status_line(504),
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(_EXPIRED)))],
+                )
+                return _Body([_EXPIRED], finish)
+            token = environ.get("HTTP_X_MESH_IDENTITY")
+            raw_path = _raw_path(environ)
+            headers = _EnvironHeaders(environ)
+            # WSGI servers join repeated headers with ','; a JWS never contains one.
+            duplicate = token is not None and "," in token
+            admission = self._engine.admit(
+                method, raw_path, token, headers, duplicate_token=duplicate
+            )
+            if admission.unknown_kid is not None:
+                admission = self._admit_after_refetch(admission, method, raw_path, token, headers)
+            caller = admission.caller
+            flags = admission_flags(admission)
+            if admission.delay:
+                time.sleep(admission.delay)
+            if admission.status is not None:
+                body = admission.body
+                answer.start_response(
+                    status_line(admission.status),
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                )
+                return _Body([body], finish)
+            if admission.path is not None:
+                raw_path = admission.path
+                environ["PATH_INFO"] = unquote(admission.path, encoding="latin-1")
+            environ[CALLER_ENVIRON_KEY] = caller
+            if deadline is None:
+                return _Body(self.app(environ, answer.start_response), finish)
+            # Outbound calls made while serving this request never outlive its caller (a
+            # response body generated after the view returned runs without the deadline).
+            deadline_token = current_deadline.set(deadline)
+            environ[DEADLINE_ENVIRON_KEY] = deadline
+            try:
+                return _Body(self.app(environ, answer.start_response), finish)
+            finally:
+                current_deadline.reset(deadline_token)
+        except BaseException:
+            finish(0)
+            raise
         finally:
-            current_traceparent.reset(trace_token)
-            current_deadline.reset(deadline_token)
+            telemetry.leave(record)
 
     def _admit_after_refetch(
         self,

@@ -21,6 +21,7 @@ from mesh_middleware.resilience.retry_policy import Failure, backoff, parse_retr
 from mesh_middleware.routing.balancers import call_abandoned, call_finished, call_started
 from mesh_middleware.routing.routes import RouteChoice
 from mesh_middleware.routing.zones import prefer_zone
+from mesh_middleware.telemetry import metrics
 
 __all__ = ["Call", "CallRefused", "Next", "Refusal"]
 
@@ -71,7 +72,10 @@ class Call:
         "method",
         "mirror_version",
         "mirrored",
+        "panic",
+        "path",
         "replayable",
+        "span",
         "started",
         "tried",
         "url",
@@ -96,6 +100,7 @@ class Call:
         """
         now = time.monotonic() if now is None else now
         if not destination.enter():
+            metrics.count_circuit_open(destination.service)
             raise CallRefused(
                 Refusal.CIRCUIT_OPEN,
                 f"{destination.service}: {destination.max_concurrent} calls already in flight "
@@ -103,6 +108,9 @@ class Call:
             )
         self.destination = destination
         self.url = url  # the URL the caller asked for, for the adapters to put back
+        self.path = path
+        self.panic = False
+        self.span: Any = None  # the current try's client span, kept by the adapters
         self.method = method
         self.headers = headers
         self.replayable = replayable
@@ -131,7 +139,8 @@ class Call:
         subset = endpoint_set.subset(version) if endpoint_set is not None else ()
         if not subset:
             raise CallRefused(Refusal.NO_HEALTHY_INSTANCES, self._nobody(endpoint_set))
-        usable, _panic = destination.outlier.available(subset, now)
+        usable, panic = destination.outlier.available(subset, now)
+        self.panic = self.panic or panic
         if self.tried:
             fresh = [e for e in usable if e not in self.tried]
             if fresh:
@@ -237,6 +246,8 @@ class Call:
         if left <= delay:
             return Next.DONE
         if not self.destination.budget.withdraw():
+            destination = self.destination
+            metrics.count_budget_exhausted(destination.source, destination.service)
             return Next.BUDGET
         self.delay = delay
         return Next.RETRY

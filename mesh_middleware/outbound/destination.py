@@ -40,6 +40,7 @@ class Destination:
         defaults, own, zone = settings
         own = own or DestinationPolicy()
         self.service = service
+        self.source = ""  # the calling service, set by the engine (for metrics)
         self.settings = settings
         self.zone = zone
         self.timeout: float = own.timeout if own.timeout is not None else defaults.timeout
@@ -47,7 +48,9 @@ class Destination:
         self.retry = RetryPolicy(retries)
         self.budget = RetryBudget(retries.budget.ratio, retries.budget.min_per_second)
         self.balancer: Balancer = balancer_for(own.load_balancer or defaults.load_balancer)
-        self.outlier = OutlierDetector(own.outlier_detection or defaults.outlier_detection)
+        self.outlier = OutlierDetector(
+            own.outlier_detection or defaults.outlier_detection, service=service
+        )
         self.max_concurrent: int = own.max_concurrent or defaults.max_concurrent
         self.routes = RouteTable(own.routes)
         mirror = own.mirror

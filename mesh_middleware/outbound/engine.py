@@ -82,6 +82,7 @@ class OutboundEngine:
                         outbound.defaults, outbound.services.get(service), policy.loaded.policy.zone
                     )
                     found = Destination(service, settings, self.discovery)
+                    found.source = policy.service
                     self._destinations[service] = found
             if len(self._hosts) >= _MAX_HOSTS:
                 self._hosts.clear()
@@ -104,6 +105,8 @@ class OutboundEngine:
                 if service not in kept:
                     settings = resolve_settings(outbound.defaults, own, zone)
                     kept[service] = Destination(service, settings, self.discovery)
+            for destination in kept.values():
+                destination.source = policy.service
             self._destinations = kept
             self._hosts = {}
             self.discovery.set_static(

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from mesh_middleware import defaults
+from mesh_middleware.telemetry import metrics
 
 __all__ = ["MirrorSlots", "mirror_slots", "shadow_executor"]
 
@@ -25,6 +26,7 @@ class MirrorSlots:
         with self._lock:
             if self.in_flight >= self.limit:
                 self.dropped += 1
+                metrics.count_mirror_dropped()
                 return False
             self.in_flight += 1
             return True

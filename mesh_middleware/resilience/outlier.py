@@ -22,6 +22,7 @@ import structlog
 from mesh_middleware.defaults import MAX_EJECTION_SECONDS
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.policy.schema import OutlierDetection
+from mesh_middleware.telemetry import metrics
 
 __all__ = ["OutlierDetector"]
 
@@ -36,11 +37,16 @@ class OutlierDetector:
     until a probe succeeds; while nothing is out, :meth:`available` returns its argument as is.
     """
 
-    __slots__ = ("_base", "_limit", "_lock", "_max_percent", "_out", "_probes", "clock")
+    __slots__ = ("_base", "_limit", "_lock", "_max_percent", "_out", "_probes", "clock", "service")
 
     def __init__(
-        self, settings: OutlierDetection, *, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: OutlierDetection,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        service: str = "",
     ) -> None:
+        self.service = service  # the destination, for metrics and logs
         self._limit = settings.consecutive_failures
         self._base = settings.base_ejection
         self._max_percent = settings.max_ejection_percent
@@ -174,8 +180,14 @@ class OutlierDetector:
         endpoint.probing = True
         endpoint.probe_in_flight = False
         self._out.add(endpoint)
+        metrics.count_ejection(self.service)
+        metrics.set_ejected_endpoints(self.service, len(self._out))
         log.warning(
-            "endpoint_ejected", endpoint=endpoint.id, seconds=seconds, count=endpoint.ejections
+            "endpoint_ejected",
+            service=self.service,
+            endpoint=endpoint.id,
+            seconds=seconds,
+            count=endpoint.ejections,
         )
         return True
 
@@ -185,6 +197,7 @@ class OutlierDetector:
         endpoint.last_ejection_end = now
         self._probes.pop(endpoint, None)
         self._out.discard(endpoint)
+        metrics.set_ejected_endpoints(self.service, len(self._out))
 
     def _release_forgotten(self, now: float) -> None:
         # An endpoint that left the catalog while out would keep every call on the slow path;

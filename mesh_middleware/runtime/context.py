@@ -1,6 +1,6 @@
 """What flows from an inbound request to the outbound calls made while serving it.
 
-The inbound middlewares put the caller's deadline and trace parent in context variables; the
+The inbound middlewares put the caller's deadline and the request's span in context variables; the
 outbound clients read them, so a call made inside a handler never outlives its caller's
 deadline (gRPC's deadline propagation) and continues its trace (W3C trace context). Context
 variables follow the request into threads that anyio and Starlette start for sync handlers.
@@ -8,20 +8,14 @@ variables follow the request into threads that anyio and Starlette start for syn
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = [
-    "Deadline",
-    "current_deadline",
-    "current_traceparent",
-    "deadline_from_header",
-    "new_traceparent",
-    "parse_traceparent",
-]
+from mesh_middleware.telemetry.tracecontext import SpanContext
+
+__all__ = ["Deadline", "current_deadline", "current_span", "deadline_from_header"]
 
 _MAX_DEADLINE_MS = 24 * 3600 * 1000
 _MILLIS = re.compile(r"^[ \t]*[0-9]{1,12}[ \t]*$", re.ASCII)
@@ -65,33 +59,5 @@ def deadline_from_header(value: str | bytes | None) -> Deadline | None:
 current_deadline: ContextVar[Deadline | None] = ContextVar("mesh_deadline", default=None)
 """The deadline of the inbound request being served, if its caller sent one."""
 
-current_traceparent: ContextVar[tuple[str, str] | None] = ContextVar(
-    "mesh_traceparent", default=None
-)
-"""The (trace id, flags) of the inbound request being served, if it carried a trace."""
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
-
-
-def parse_traceparent(value: str | bytes | None) -> tuple[str, str] | None:
-    """(trace id, flags) from a W3C ``traceparent`` header; ``None`` if absent or invalid."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    found = _TRACEPARENT.match(text.strip())
-    if found is None or text.startswith("ff"):
-        return None
-    trace_id, span_id, flags = found.groups()
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    return trace_id, flags
-
-
-def new_traceparent(parent: tuple[str, str] | None = None) -> str:
-    """A ``traceparent`` for an outbound call: a child of ``parent``, or a new sampled trace."""
-    span_id = os.urandom(8).hex()
-    if parent is None:
-        return f"00-{os.urandom(16).hex()}-{span_id}-01"
-    return f"00-{parent[0]}-{span_id}-{parent[1]}"
+current_span: ContextVar[SpanContext | None] = ContextVar("mesh_span", default=None)
+"""The span of the inbound request being served: outbound calls made for it are its children."""

@@ -18,7 +18,9 @@ from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import service_id
 from mesh_middleware.identity.verifier import TokenVerifier
 from mesh_middleware.inbound.engine import InboundEngine
+from mesh_middleware.inbound.telemetry import InboundTelemetry
 from mesh_middleware.outbound.engine import OutboundEngine
+from mesh_middleware.outbound.telemetry import OutboundTelemetry
 from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
@@ -126,6 +128,8 @@ class Mesh:
             lambda: self._state[0], self.discovery, registry=self.registry_url is not None
         )
         self.reporter = self._new_reporter()
+        self.inbound_telemetry = InboundTelemetry(lambda: self._state[0], lambda: self.reporter)
+        self.outbound_telemetry = OutboundTelemetry(lambda: self._state[0], lambda: self.reporter)
 
     def _connect(
         self,

@@ -13,7 +13,7 @@ import pytest
 
 from mesh_middleware import Mesh, MeshMiddleware, MeshWSGIMiddleware, get_deadline
 from mesh_middleware.policy.compiled import compile_policy_text
-from mesh_middleware.runtime.context import current_deadline, current_traceparent
+from mesh_middleware.runtime.context import current_deadline, current_span
 from tests.support.servers import free_port, running, uvicorn_argv
 
 PERMISSIVE = "service: inventory\ninbound: {authentication: permissive}\n"
@@ -27,7 +27,7 @@ class _App:
         self.seen: list[tuple[Any, Any, Any]] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.seen.append((get_deadline(scope), get_deadline(), current_traceparent.get()))
+        self.seen.append((get_deadline(scope), get_deadline(), current_span.get()))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -68,15 +68,18 @@ def test_asgi_the_app_reads_the_deadline_and_the_trace() -> None:
     assert status == 200
     from_scope, from_context, trace = app.seen[0]
     assert from_scope is from_context and 1.3 < from_scope.remaining() <= 1.5
-    assert trace == ("4bf92f3577b34da6a3ce929d0e0e4736", "01")
-    assert current_deadline.get() is None and current_traceparent.get() is None  # reset
+    assert trace is not None and trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace.span_id != "00f067aa0ba902b7"  # this request's own span, a child of the caller's
+    assert current_deadline.get() is None and current_span.get() is None  # reset
     _asgi(middleware, {})
-    assert app.seen[1] == (None, None, None)
+    no_deadline, none_either, new_trace = app.seen[1]
+    assert no_deadline is None and none_either is None
+    assert new_trace is not None and new_trace.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def _wsgi_app(seen: list[Any]) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        seen.append((get_deadline(environ), get_deadline(), current_traceparent.get()))
+        seen.append((get_deadline(environ), get_deadline(), current_span.get()))
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 

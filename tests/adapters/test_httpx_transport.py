@@ -21,7 +21,8 @@ from mesh_middleware import (
 )
 from mesh_middleware.adapters.httpx import aim
 from mesh_middleware.discovery.endpoints import Endpoint
-from mesh_middleware.runtime.context import Deadline, current_deadline, current_traceparent
+from mesh_middleware.runtime.context import Deadline, current_deadline, current_span
+from mesh_middleware.telemetry.tracecontext import SpanContext
 from tests.adapters.outbound_upstreams import Upstreams, mesh_for, upstreams, url
 
 pytestmark = pytest.mark.slow
@@ -75,12 +76,14 @@ def test_other_hosts_bypass_the_mesh_and_get_only_trace_context(ups: Upstreams) 
 
 def test_the_inbound_trace_is_continued(ups: Upstreams) -> None:
     mesh = mesh_for(f"    inventory:\n      endpoints:\n{endpoints(ups.ok[0])}")
-    token = current_traceparent.set(("4bf92f3577b34da6a3ce929d0e0e4736", "01"))
+    token = current_span.set(
+        SpanContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", 1, "vendor=x")
+    )
     try:
         with mesh.client() as client:
             sent = client.get("http://inventory/x").json()["headers"]["traceparent"]
     finally:
-        current_traceparent.reset(token)
+        current_span.reset(token)
     assert sent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and sent.endswith("-01")
     mesh.close()
 

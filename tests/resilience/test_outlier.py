@@ -89,6 +89,7 @@ def test_ejection_after_consecutive_failures() -> None:
     assert logs == [
         {
             "event": "endpoint_ejected",
+            "service": "",
             "endpoint": "i-0",
             "seconds": 30.0,
             "count": 1,
