@@ -498,9 +498,19 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     raise
                 if plane.answered(call, endpoint, response):
                     request.url = url  # redirects resolve against the service, not the instance
-                    response.stream = _AsyncDeadlineStream(
-                        response.stream, plane, call, request, response, endpoint
-                    )
+                    if response.is_closed:  # read already (a MockTransport's answer)
+                        plane.finish(
+                            call,
+                            request,
+                            response.status_code,
+                            [],
+                            endpoint,
+                            response_bytes=len(response.content),
+                        )
+                    else:
+                        response.stream = _AsyncDeadlineStream(
+                            response.stream, plane, call, request, response, endpoint
+                        )
                     return response
                 await response.aclose()
                 await anyio.sleep(call.delay)
@@ -591,9 +601,19 @@ class MeshTransport(httpx.BaseTransport):
                     raise
                 if plane.answered(call, endpoint, response):
                     request.url = url  # redirects resolve against the service, not the instance
-                    response.stream = _DeadlineStream(
-                        response.stream, plane, call, request, response, endpoint
-                    )
+                    if response.is_closed:  # read already (a MockTransport's answer)
+                        plane.finish(
+                            call,
+                            request,
+                            response.status_code,
+                            [],
+                            endpoint,
+                            response_bytes=len(response.content),
+                        )
+                    else:
+                        response.stream = _DeadlineStream(
+                            response.stream, plane, call, request, response, endpoint
+                        )
                     return response
                 response.close()
                 time.sleep(call.delay)

@@ -122,11 +122,30 @@ class _Body:
             self._finish(self._size)
 
 
+ROUTE_ENVIRON_KEY = "mesh.route"
+"""Where a framework hook puts the matched route's template, for metrics and access logs."""
+
+
 def _route_template(environ: WSGIEnviron) -> str:
-    """The route Flask (Werkzeug) matched, as its rule (``/items/<item>``), never the raw path."""
-    request = environ.get("werkzeug.request")
-    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    """The route the app matched, as its template (``/items/<item>``), never the raw path."""
+    rule = environ.get(ROUTE_ENVIRON_KEY)
     return rule if isinstance(rule, str) else "unmatched"
+
+
+def _note_flask_routes(app: object) -> None:
+    """When ``app`` is a Flask app's ``wsgi_app``, have Flask note each matched rule."""
+    owner = getattr(app, "__self__", None)
+    before_request = getattr(owner, "before_request", None)
+    if before_request is None or not hasattr(owner, "url_map"):
+        return
+    from flask import request
+
+    def note_route() -> None:
+        rule = request.url_rule
+        if rule is not None:
+            request.environ[ROUTE_ENVIRON_KEY] = rule.rule
+
+    before_request(note_route)
 
 
 def _framework(app: object) -> str:
@@ -170,6 +189,7 @@ class MeshWSGIMiddleware:
         )
         self._engine = self.mesh.inbound
         self._telemetry: InboundTelemetry = self.mesh.inbound_telemetry
+        _note_flask_routes(app)
         # WSGI has no startup hook. The registry work starts now — an app is wrapped when a
         # server loads it, and an instance must appear before its first request, since no
         # caller finds it until then — and again (idempotently) at the first request in each

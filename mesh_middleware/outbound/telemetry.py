@@ -38,8 +38,15 @@ class OutboundTelemetry:
         self._log: tuple[CompiledPolicy, AccessLog | None] | None = None
 
     def try_span(self, call: Call, method: str) -> Span:
-        """A client span for the next try, under the current inbound span if there is one."""
-        return start_span(method, "client", current_span.get())
+        """A client span for the next try, under the current inbound span if there is one.
+
+        Without one, the first try starts a trace and later tries are its children, so all
+        the tries of one call are one trace.
+        """
+        parent = current_span.get()
+        if parent is None and call.span is not None:
+            parent = call.span.context
+        return start_span(method, "client", parent)
 
     def retried(self, call: Call, reason: str) -> None:
         """Count a retry (``reason``: the status code or the failure's name)."""

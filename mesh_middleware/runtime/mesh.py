@@ -29,6 +29,7 @@ from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
 from mesh_middleware.runtime.registry_link import RegistryLink
 from mesh_middleware.runtime.tokens import TokenCache
+from mesh_middleware.telemetry.otel import enable_otlp
 from mesh_middleware.telemetry.reports import EdgeReporter
 
 if TYPE_CHECKING:
@@ -191,6 +192,12 @@ class Mesh:
         # One attribute holds the policy and the audience derived from it, so a request never
         # sees a new policy with an old audience.
         self._state = (compiled, service_id(compiled.service, self.trust_domain))
+        export = (compiled.loaded.policy.telemetry.tracing.otlp_endpoint, compiled.service)
+        if export != getattr(self, "_export", (None, None)):
+            self._export = export
+            if export[0] is not None:
+                # Spans go to the collector from a bounded queue in a background thread.
+                enable_otlp(export[0], service_name=compiled.service)
 
     def _current(self) -> tuple[CompiledPolicy, str]:
         return self._state
