@@ -26,6 +26,7 @@ __all__ = [
     "REGISTRY_BACKOFF_CAP_SECONDS",
     "REGISTRY_BACKOFF_SECONDS",
     "REGISTRY_TIMEOUT_SECONDS",
+    "REPORT_INTERVAL_SECONDS",
     "RETRY_AFTER_MAX_SECONDS",
     "RETRY_BACKOFF_BASE_SECONDS",
     "RETRY_BACKOFF_CAP_SECONDS",
@@ -140,6 +141,10 @@ SHADOW_HEADER = "x-mesh-shadow"
 
 MAX_MIRRORS_IN_FLIGHT = 64
 """Mirrored requests in flight per process; more are dropped, never queued."""
+
+
+REPORT_INTERVAL_SECONDS = 10.0
+"""How often a process sends its per-edge request aggregates to the registry."""
 
 
 def default_issuer(trust_domain: str) -> str:

@@ -22,6 +22,7 @@ from mesh_middleware.inbound.telemetry import InboundTelemetry
 from mesh_middleware.outbound.engine import OutboundEngine
 from mesh_middleware.outbound.telemetry import OutboundTelemetry
 from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
+from mesh_middleware.policy.durations import parse_duration
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
 from mesh_middleware.runtime.policy_watch import PolicyFileWatch
@@ -59,7 +60,8 @@ class Mesh:
     Without a registry it runs standalone: ``jwks`` is a JWKS file or URL holding the trust
     domain's verification keys; without one, no identity can be verified, so a strict policy
     answers 401 to everything but public paths. Given with a registry, ``jwks``, ``issuer``
-    and ``trust_domain`` take precedence over what the registry says.
+    and ``trust_domain`` take precedence over what the registry says. With a registry, this
+    process's requests are also reported to it per edge every ``report_interval`` seconds.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Mesh:
         advertise: str | None = None,
         registration_ttl: str = defaults.REGISTRATION_TTL,
         registry_timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
+        report_interval: float = defaults.REPORT_INTERVAL_SECONDS,
     ) -> None:
         if isinstance(policy, CompiledPolicy):
             compiled, self.policy_file = policy, None
@@ -128,6 +131,7 @@ class Mesh:
         self.outbound = OutboundEngine(
             lambda: self._state[0], self.discovery, registry=self.registry_url is not None
         )
+        self._report_interval = report_interval
         self.reporter = self._new_reporter()
         self.inbound_telemetry = InboundTelemetry(lambda: self._state[0], lambda: self.reporter)
         self.outbound_telemetry = OutboundTelemetry(lambda: self._state[0], lambda: self.reporter)
@@ -159,14 +163,20 @@ class Mesh:
         if link is None:
             return None
         client = link.client
-        return EdgeReporter(client.report, service=self.service, instance=self.instance_id)
+        return EdgeReporter(
+            client.report,
+            service=self.service,
+            instance=self.instance_id,
+            interval=self._report_interval,
+        )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Mesh:
         """A Mesh configured by the environment (explicit ``overrides`` win).
 
         ``MESH_POLICY`` (required), ``MESH_REGISTRY_URL``, ``MESH_JOIN_TOKEN``,
-        ``MESH_ADVERTISE``, ``MESH_JWKS``, ``MESH_ISSUER`` and ``MESH_TRUST_DOMAIN``.
+        ``MESH_ADVERTISE``, ``MESH_JWKS``, ``MESH_ISSUER``, ``MESH_TRUST_DOMAIN`` and
+        ``MESH_REPORT_INTERVAL`` (a duration like ``10s``).
         """
         policy = overrides.pop("policy", None) or os.environ.get("MESH_POLICY")
         if not policy:
@@ -183,6 +193,9 @@ class Mesh:
             "join_token": os.environ.get("MESH_JOIN_TOKEN") or None,
             "advertise": os.environ.get("MESH_ADVERTISE") or None,
         }
+        interval = os.environ.get("MESH_REPORT_INTERVAL")
+        if interval:
+            options["report_interval"] = parse_duration(interval)
         options.update(overrides)
         return cls(policy, **options)
 

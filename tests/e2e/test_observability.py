@@ -118,7 +118,7 @@ def meshed_pair(tmp_path: Path, report_interval: float | None = None) -> Iterato
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
             env.update(MESH_POLICY=str(policy), MESH_REGISTRY_URL=registry.url)
             if report_interval is not None:
-                env["OBSERVED_REPORT_INTERVAL"] = str(report_interval)
+                env["MESH_REPORT_INTERVAL"] = f"{report_interval}s"
             port = free_port()
             log_path = tmp_path / f"{service}.log"
             proc = stack.enter_context(
@@ -367,7 +367,7 @@ def test_registry_killed_under_load_requests_latency_and_memory_hold(tmp_path: P
     down, though each keeps recording edges and flushing reports that cannot be sent (the
     queue holds 6, then the oldest is dropped and counted).
 
-    The report interval is set to 0.5 s (``OBSERVED_REPORT_INTERVAL``): a flush is then due at
+    The report interval is set to 0.5 s (``MESH_REPORT_INTERVAL``): a flush is then due at
     the first background tick (every 0.5 s +-10%) after 0.5 s, so one every 0.5-1.1 s, and the
     14 s outage flushes at least ~12 reports per app against a queue of 6: the bound is
     exercised, and at least a few reports must have been dropped.

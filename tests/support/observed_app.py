@@ -8,14 +8,12 @@ Configured by ``MESH_*`` variables like ``asgi_app`` (the policy's ``service:`` 
 - ``GET /items/{n}`` answers ``{"service": ..., "n": n, "caller": <verified caller or null>,
   "traceparent": <the traceparent header it received>}``.
 
-``OBSERVED_REPORT_INTERVAL`` (seconds), when set, shortens the Mesh's edge-report interval
-(the ``Mesh`` has no option for it; ``EdgeReporter.interval`` is read at every tick).
+``MESH_REPORT_INTERVAL`` (read by ``Mesh.from_env``) shortens the edge-report interval.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,11 +24,6 @@ from fastapi.responses import JSONResponse
 from mesh_middleware import Mesh, MeshMiddleware, get_caller
 
 mesh = Mesh.from_env()
-_interval = os.environ.get("OBSERVED_REPORT_INTERVAL")
-if _interval:
-    if mesh.reporter is None:
-        raise RuntimeError("OBSERVED_REPORT_INTERVAL needs MESH_REGISTRY_URL (no reporter)")
-    mesh.reporter.interval = float(_interval)
 client = mesh.async_client(timeout=5)
 
 
