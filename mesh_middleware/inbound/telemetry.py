@@ -20,8 +20,8 @@ from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.access_log import AccessLog
 from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.reports import EdgeReporter
-from mesh_middleware.telemetry.spans import Span, start_span
-from mesh_middleware.telemetry.tracecontext import SpanContext, incoming
+from mesh_middleware.telemetry.spans import Span, exporting, start_span
+from mesh_middleware.telemetry.tracecontext import SpanContext, child_of, incoming
 
 __all__ = ["InboundTelemetry", "RequestRecord"]
 
@@ -43,7 +43,8 @@ class _Settings:
 class RequestRecord:
     """One request in flight: its span, when it began, and the context tokens to restore."""
 
-    span: Span
+    span: Span | None
+    context: SpanContext
     started: float
     request_id: str
     span_token: Token[SpanContext | None]
@@ -93,12 +94,17 @@ class InboundTelemetry:
         if parent is None:
             rate = self.settings().sample
             sampled = rate >= 1.0 or (rate > 0.0 and int.from_bytes(os.urandom(2)) < rate * 65536)
-        span = start_span(method, "server", parent, sampled=sampled)
-        context = span.context
+        span: Span | None = None
+        if exporting():
+            span = start_span(method, "server", parent, sampled=sampled)
+            context = span.context
+        else:  # nothing would read the span: its ids are all that is needed
+            context = child_of(parent, sampled=sampled)
         if isinstance(request_id, bytes):
             request_id = request_id.decode("latin-1")
         return RequestRecord(
             span,
+            context,
             time.perf_counter(),
             request_id or context.trace_id,
             current_span.set(context),
@@ -146,10 +152,11 @@ class InboundTelemetry:
         if reporter is not None:
             reporter.record(source, policy.service, status, seconds)
         span = record.span
-        span.end(status or None)
+        if span is not None:
+            span.end(status or None)
         log = settings.access_log
         if log is not None:
-            context = span.context
+            context = record.context
             log.log(
                 direction="inbound",
                 method=method,

@@ -38,6 +38,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, values
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.exposition import choose_encoder
 
+from mesh_middleware.telemetry import metrics
+
 __all__ = [
     "MULTIPROC_DIR_ENV",
     "mark_process_dead",
@@ -96,6 +98,7 @@ def render_metrics(
     OpenMetrics (``application/openmetrics-text``) when asked for, else the Prometheus text
     format 0.0.4. ``registry`` overrides the choice (tests); by default it is the multiprocess
     aggregate under ``PROMETHEUS_MULTIPROC_DIR`` and the default registry otherwise."""
+    metrics.flush_pending()  # this process's latest requests (other workers: within a second)
     if registry is None:
         path = multiprocess_dir()
         registry = REGISTRY if path is None else _aggregate(path)

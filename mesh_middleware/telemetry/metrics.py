@@ -13,7 +13,10 @@ gunicorn/uvicorn workers) the aggregate means something: see
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -215,6 +218,9 @@ class _RequestFamilies:
     """The four request metrics and the overflow counter, registered in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # Registered before the metrics, so every collection (a scrape, get_sample_value) first
+        # folds the requests counted since the last one into them.
+        registry.register(_Flusher())
         self.requests = Counter(
             "mesh_requests",
             "Requests handled (reporter=destination) or sent (reporter=source).",
@@ -251,6 +257,42 @@ class _RequestFamilies:
         )
 
 
+class _Flusher:
+    """A collector that yields nothing and folds pending tallies into the request metrics."""
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        flush_pending()
+        return []
+
+
+_RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
+_FLUSH_SECONDS = 1.0
+
+
+def flush_pending() -> None:
+    """Fold every recorder's pending tallies into the metrics (scrapes do it by themselves;
+    with several worker processes each worker also does it at least once a second)."""
+    for recorder in list(_RECORDERS):
+        recorder.flush()
+
+
+# A worker leaving (gunicorn's graceful exit runs atexit) folds in what it counted last.
+atexit.register(flush_pending)
+
+
+def _after_fork_in_child() -> None:
+    # A forked worker starts with nothing pending and no timer (threads do not survive fork).
+    for recorder in list(_RECORDERS):
+        recorder._lock = threading.Lock()
+        recorder._pending = {}
+        recorder._armed = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _DEFAULT_FAMILIES = _RequestFamilies(REGISTRY)
 _FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, _RequestFamilies] = (
     weakref.WeakKeyDictionary({REGISTRY: _DEFAULT_FAMILIES})
@@ -270,6 +312,64 @@ def _families(registry: CollectorRegistry | None) -> _RequestFamilies:
     if families is None:
         families = _FAMILIES[registry] = _RequestFamilies(registry)
     return families
+
+
+_LATENCY_BOUNDS: Final = [*LATENCY_BUCKETS, math.inf]
+_BYTE_BOUNDS: Final = [*BYTE_BUCKETS, math.inf]
+_bisect = bisect_left
+
+
+def _new_tally() -> list[Any]:
+    # count, seconds, request bytes, response bytes, then the three histograms' bucket counts
+    return [
+        0,
+        0.0,
+        0,
+        0,
+        [0] * len(_LATENCY_BOUNDS),
+        [0] * len(_BYTE_BOUNDS),
+        [0] * len(_BYTE_BOUNDS),
+    ]
+
+
+def _bulk_observer(histogram: Histogram) -> Callable[[float, list[int]], None]:
+    """Adds a tally (the sum, and a count per bucket) to ``histogram`` in one go.
+
+    Uses the histogram's own value objects, so single- and multi-process storage see exactly
+    what as many ``observe`` calls would write; falls back to replaying ``observe`` at each
+    bucket's bound should a future prometheus_client lay its histogram out differently.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets)
+        and all(hasattr(b, "inc") for b in buckets)
+        and hasattr(total, "inc")
+    ):
+        incs = [b.inc for b in buckets]
+        add_total = total.inc  # type: ignore[union-attr]
+
+        def add(amount: float, counts: list[int]) -> None:
+            add_total(amount)
+            for index, n in enumerate(counts):
+                if n:
+                    incs[index](n)
+
+        return add
+
+    def replay(amount: float, counts: list[int]) -> None:
+        # Every value at its bucket's bound (the sum is then approximate; this only serves an
+        # unknown prometheus_client layout).
+        for bound, n in zip(
+            _LATENCY_BOUNDS if len(counts) > 7 else _BYTE_BOUNDS, counts, strict=True
+        ):
+            for _ in range(n):
+                histogram.observe(bound if bound != math.inf else amount)
+
+    return replay
 
 
 def _observer(histogram: Histogram) -> Callable[[float], None]:
@@ -313,9 +413,9 @@ def _incrementer(counter: Counter) -> Callable[[float], None]:
 
 _Children = tuple[
     Callable[[float], None],
-    Callable[[float], None],
-    Callable[[float], None],
-    Callable[[float], None],
+    Callable[[float, list[int]], None],
+    Callable[[float, list[int]], None],
+    Callable[[float, list[int]], None],
 ]
 
 
@@ -329,7 +429,18 @@ class RequestMetrics:
     Safe to call from any thread.
     """
 
-    __slots__ = ("_children", "_families", "_max", "_overflow", "_overflow_count", "reporter")
+    __slots__ = (
+        "__weakref__",
+        "_armed",
+        "_children",
+        "_families",
+        "_lock",
+        "_max",
+        "_overflow",
+        "_overflow_count",
+        "_pending",
+        "reporter",
+    )
 
     def __init__(
         self,
@@ -346,6 +457,10 @@ class RequestMetrics:
         self._children: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
         self._overflow: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
         self._overflow_count = self._families.overflow.labels(reporter).inc
+        self._pending: dict[tuple[str, str, str, str, str, int, str], list[Any]] = {}
+        self._lock = threading.Lock()
+        self._armed = False
+        _RECORDERS.add(self)
 
     def record(
         self,
@@ -374,14 +489,57 @@ class RequestMetrics:
             status,
             flags,
         )
-        children = self._children.get(key)
-        if children is None:
-            children = self._miss(key)
-        count, duration, sent, received = children
-        count(1)
-        duration(seconds if seconds >= 0 else 0.0)
-        sent(request_bytes if request_bytes >= 0 else 0)
-        received(response_bytes if response_bytes >= 0 else 0)
+        seconds = seconds if seconds >= 0 else 0.0
+        request_bytes = request_bytes if request_bytes >= 0 else 0
+        response_bytes = response_bytes if response_bytes >= 0 else 0
+        # Tallied in plain numbers under one lock, and folded into the Prometheus values (which
+        # take a lock per increment) at most once a second or when collected.
+        with self._lock:
+            tally = self._pending.get(key)
+            if tally is None:
+                tally = self._pending[key] = _new_tally()
+            tally[0] += 1
+            tally[1] += seconds
+            tally[2] += request_bytes
+            tally[3] += response_bytes
+            tally[4][_bisect(_LATENCY_BOUNDS, seconds)] += 1
+            tally[5][_bisect(_BYTE_BOUNDS, request_bytes)] += 1
+            tally[6][_bisect(_BYTE_BOUNDS, response_bytes)] += 1
+            if self._armed:
+                return
+            self._armed = True
+        # Folded in a second from now even if no other request comes and nobody scrapes this
+        # process (another worker may serve the scrape, reading this one's files).
+        timer = threading.Timer(_FLUSH_SECONDS, self._timed_flush)
+        timer.daemon = True
+        timer.start()
+
+    def _timed_flush(self) -> None:
+        with self._lock:
+            self._armed = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Fold the tallies of requests recorded since the last flush into the metrics."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for key, (
+            count,
+            seconds,
+            sent,
+            received,
+            durations,
+            sizes_in,
+            sizes_out,
+        ) in pending.items():
+            children = self._children.get(key)
+            if children is None:
+                children = self._miss(key)
+            counter, duration, request_size, response_size = children
+            counter(count)
+            duration(seconds, durations)
+            request_size(sent, sizes_in)
+            response_size(received, sizes_out)
 
     def _miss(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
         if len(self._children) < self._max:
@@ -406,9 +564,9 @@ class RequestMetrics:
         families = self._families
         return (
             _incrementer(families.requests.labels(*labels)),
-            _observer(families.duration.labels(*labels)),
-            _observer(families.request_bytes.labels(*labels)),
-            _observer(families.response_bytes.labels(*labels)),
+            _bulk_observer(families.duration.labels(*labels)),
+            _bulk_observer(families.request_bytes.labels(*labels)),
+            _bulk_observer(families.response_bytes.labels(*labels)),
         )
 
 

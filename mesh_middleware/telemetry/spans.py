@@ -196,6 +196,11 @@ _dropped_before = 0
 _errors_before = 0
 
 
+def exporting() -> bool:
+    """Whether ended spans go anywhere (an exporter is set); without one only ids matter."""
+    return _pipeline is not None
+
+
 def set_exporter(exporter: Exporter | None, *, timeout: float = 5.0) -> None:
     """Send each sampled span that ends to ``exporter`` (on a background thread), or stop.
 

@@ -239,6 +239,16 @@ def test_gunicorn_workers_answer_every_scrape_with_the_same_totals(tmp_path: Pat
         for _ in range(60):  # a new connection each: the workers share them out
             answer = httpx.get(f"http://127.0.0.1:{port}/work", headers={"connection": "close"})
             pids.add(answer.text)
+        # Each worker folds its tallies in within a second, whichever worker serves scrapes.
+        wait_for(
+            lambda: (
+                _total(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "mesh_requests_total")
+                == 60
+                or None
+            ),
+            5.0,
+            "every worker's requests in the totals",
+        )
         scrapes = [httpx.get(f"http://127.0.0.1:{port}/metrics").text for _ in range(12)]
         served_by = {int(p) for p in pids}
         assert [_total(s, "mesh_requests_total") for s in scrapes] == [60] * 12
@@ -252,8 +262,15 @@ def test_gunicorn_workers_answer_every_scrape_with_the_same_totals(tmp_path: Pat
             "worker replaced",
         )
         httpx.get(f"http://127.0.0.1:{port}/work", headers={"connection": "close"})
-        after = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert _total(after, "mesh_requests_total") == 61  # the dead worker's counts stay
+        wait_for(  # the dead worker's counts stay, and the new request is folded in
+            lambda: (
+                _total(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "mesh_requests_total")
+                == 61
+                or None
+            ),
+            5.0,
+            "61 requests in the totals",
+        )
     assert len(served_by) >= 2, f"one worker served everything: {served_by}"
 
 
