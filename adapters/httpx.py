@@ -32,10 +32,10 @@ from mesh_middleware.adapters.httpx_errors import (
     httpx_error,
 )
 from mesh_middleware.discovery.endpoints import Endpoint
-from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
+from mesh_middleware.outbound.call import Call, CallRefused, Next
 from mesh_middleware.outbound.destination import Destination
 from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
-from mesh_middleware.outbound.telemetry import external_context
+from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
 from mesh_middleware.resilience.retry_policy import Failure
 from mesh_middleware.runtime.context import current_deadline
 from mesh_middleware.telemetry import metrics
@@ -157,20 +157,6 @@ def _trace(headers: httpx.Headers, context: SpanContext, *, keep: bool) -> None:
     set_header(headers, b"traceparent", context.traceparent(), keep=keep)
     if context.tracestate is not None:
         set_header(headers, b"tracestate", context.tracestate, keep=keep)
-
-
-_FLAG_OF_FAILURE = {
-    Failure.CONNECT_FAILURE: metrics.CONNECT_FAILURE,
-    Failure.RESET: metrics.RESET,
-    Failure.REFUSED_STREAM: metrics.RESET,
-    Failure.TIMEOUT: metrics.TIMEOUT,
-}
-_FLAG_OF_REFUSAL = {
-    Refusal.NO_HEALTHY_INSTANCES: metrics.NO_HEALTHY,
-    Refusal.CIRCUIT_OPEN: metrics.CIRCUIT_OPEN,
-    Refusal.RETRY_BUDGET_EXHAUSTED: metrics.BUDGET,
-    Refusal.DEADLINE_EXCEEDED: metrics.DEADLINE,
-}
 
 
 def classify(exc: httpx.TransportError) -> Failure | None:
@@ -321,7 +307,7 @@ class _Plane:
             endpoint = call.pick(now)
         except CallRefused as refused:
             request.url = url
-            self.finish(call, request, 0, [_FLAG_OF_REFUSAL[refused.refusal]], None)
+            self.finish(call, request, 0, [FLAG_OF_REFUSAL[refused.refusal]], None)
             raise httpx_error(refused, request) from None
         span = call.span = self.telemetry.try_span(call, request.method)
         _trace(request.headers, span.context, keep=False)
@@ -348,7 +334,7 @@ class _Plane:
             call.span.end(None, error=name)
             self.telemetry.retried(call, failure.value)
             return
-        flags = [_FLAG_OF_FAILURE[failure]]
+        flags = [FLAG_OF_FAILURE[failure]]
         if verdict is Next.DEADLINE:
             flags.append(metrics.DEADLINE)
         elif verdict is Next.BUDGET:

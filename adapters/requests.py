@@ -27,7 +27,7 @@ from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
-from mesh_middleware.outbound.telemetry import external_context
+from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
 from mesh_middleware.resilience.retry_policy import Failure
 from mesh_middleware.runtime.context import current_deadline
 from mesh_middleware.telemetry import metrics
@@ -93,20 +93,6 @@ def _trace(headers: Any, context: SpanContext) -> None:
 
 def _size(body: object) -> int:
     return len(body) if isinstance(body, bytes | str) else 0
-
-
-_FLAG_OF_FAILURE = {
-    Failure.CONNECT_FAILURE: metrics.CONNECT_FAILURE,
-    Failure.RESET: metrics.RESET,
-    Failure.REFUSED_STREAM: metrics.RESET,
-    Failure.TIMEOUT: metrics.TIMEOUT,
-}
-_FLAG_OF_REFUSAL = {
-    Refusal.NO_HEALTHY_INSTANCES: metrics.NO_HEALTHY,
-    Refusal.CIRCUIT_OPEN: metrics.CIRCUIT_OPEN,
-    Refusal.RETRY_BUDGET_EXHAUSTED: metrics.BUDGET,
-    Refusal.DEADLINE_EXCEEDED: metrics.DEADLINE,
-}
 
 
 def _replayable(body: object) -> bool:
@@ -199,7 +185,7 @@ class MeshAdapter(HTTPAdapter):
                 try:
                     endpoint = call.pick(now)
                 except CallRefused as refused:
-                    self._finish(call, method, 0, [_FLAG_OF_REFUSAL[refused.refusal]], None)
+                    self._finish(call, method, 0, [FLAG_OF_REFUSAL[refused.refusal]], None)
                     raise _requests_error(refused, request) from None
                 span = call.span = telemetry.try_span(call, method)
                 if not own_trace:
@@ -223,7 +209,7 @@ class MeshAdapter(HTTPAdapter):
                         telemetry.retried(call, failure.value)
                         time.sleep(call.delay)
                         continue
-                    flags = [_FLAG_OF_FAILURE[failure]]
+                    flags = [FLAG_OF_FAILURE[failure]]
                     if verdict is Next.DEADLINE:
                         flags.append(metrics.DEADLINE)
                     elif verdict is Next.BUDGET:

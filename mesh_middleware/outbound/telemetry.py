@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from mesh_middleware.outbound.call import Call
+from mesh_middleware.outbound.call import Call, Refusal
 from mesh_middleware.policy.compiled import CompiledPolicy
+from mesh_middleware.resilience.retry_policy import Failure
 from mesh_middleware.runtime.context import current_span
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.access_log import AccessLog
@@ -15,9 +16,25 @@ from mesh_middleware.telemetry.reports import EdgeReporter
 from mesh_middleware.telemetry.spans import Span, start_span
 from mesh_middleware.telemetry.tracecontext import SpanContext, child_of
 
-__all__ = ["OutboundTelemetry", "external_context"]
+__all__ = ["FLAG_OF_FAILURE", "FLAG_OF_REFUSAL", "OutboundTelemetry", "external_context"]
 
 _request_metrics = metrics.RequestMetrics("source")
+
+FLAG_OF_FAILURE = {
+    Failure.CONNECT_FAILURE: metrics.CONNECT_FAILURE,
+    Failure.RESET: metrics.RESET,
+    Failure.REFUSED_STREAM: metrics.RESET,
+    Failure.TIMEOUT: metrics.TIMEOUT,
+}
+"""The response flag of a try that failed without an answer."""
+
+FLAG_OF_REFUSAL = {
+    Refusal.NO_HEALTHY_INSTANCES: metrics.NO_HEALTHY,
+    Refusal.CIRCUIT_OPEN: metrics.CIRCUIT_OPEN,
+    Refusal.RETRY_BUDGET_EXHAUSTED: metrics.BUDGET,
+    Refusal.DEADLINE_EXCEEDED: metrics.DEADLINE,
+}
+"""The response flag of a call the mesh ended itself."""
 
 
 def external_context() -> SpanContext:
