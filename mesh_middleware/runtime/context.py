@@ -36,10 +36,6 @@ class Deadline:
         """Whether the caller has stopped waiting."""
         return time.monotonic() >= self.at
 
-    def header_value(self) -> str:
-        """Milliseconds left, as sent in ``x-mesh-deadline-ms`` (0 once passed)."""
-        return str(int(self.remaining() * 1000))
-
 
 def deadline_from_header(value: str | bytes | None) -> Deadline | None:
     """The deadline a caller sent as milliseconds left; ``None`` if absent or malformed.

@@ -90,6 +90,7 @@ class Mesh:
         self._issuer_pinned = issuer is not None
         self.registry_url = registry_url or None
         self._keys_from_registry = self.registry_url is not None and jwks is None
+        self._export: tuple[str | None, str | None] = (None, None)  # OTLP endpoint, service
         self._install(compiled)
         self.keys = KeyStore(jwks)
         keys_loaded = jwks is not None and self.keys.refresh()
@@ -206,7 +207,7 @@ class Mesh:
         # sees a new policy with an old audience.
         self._state = (compiled, service_id(compiled.service, self.trust_domain))
         export = (compiled.loaded.policy.telemetry.tracing.otlp_endpoint, compiled.service)
-        if export != getattr(self, "_export", (None, None)):
+        if export != self._export:
             self._export = export
             if export[0] is not None:
                 # Spans go to the collector from a bounded queue in a background thread.

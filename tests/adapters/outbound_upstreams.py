@@ -58,6 +58,11 @@ def url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def endpoints(*ports: int) -> str:
+    """Static endpoint lines of a policy's ``outbound.services.<name>.endpoints``."""
+    return "".join(f"        - url: {url(p)}\n" for p in ports)
+
+
 def mesh_for(services: str, defaults: str = "") -> Mesh:
     """A standalone Mesh (static endpoints) whose policy has these outbound sections."""
     text = "service: orders\ninbound: {authentication: permissive}\noutbound:\n"

@@ -23,7 +23,7 @@ from mesh_middleware.adapters.httpx import aim
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.runtime.context import Deadline, current_deadline, current_span
 from mesh_middleware.telemetry.tracecontext import SpanContext
-from tests.adapters.outbound_upstreams import Upstreams, mesh_for, upstreams, url
+from tests.adapters.outbound_upstreams import Upstreams, endpoints, mesh_for, upstreams, url
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,6 @@ def ups() -> Iterator[Upstreams]:
 @pytest.fixture(autouse=True)
 def _clean(ups: Upstreams) -> None:
     ups.reset()
-
-
-def endpoints(*ports: int) -> str:
-    return "".join(f"        - url: {url(p)}\n" for p in ports)
 
 
 def test_a_mesh_host_is_sent_to_an_instance_with_context(ups: Upstreams) -> None:

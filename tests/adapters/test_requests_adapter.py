@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from mesh_middleware.runtime.context import Deadline, current_deadline
-from tests.adapters.outbound_upstreams import Upstreams, mesh_for, upstreams, url
+from tests.adapters.outbound_upstreams import Upstreams, endpoints, mesh_for, upstreams, url
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,6 @@ def ups() -> Iterator[Upstreams]:
 @pytest.fixture(autouse=True)
 def _clean(ups: Upstreams) -> None:
     ups.reset()
-
-
-def endpoints(*ports: int) -> str:
-    return "".join(f"        - url: {url(p)}\n" for p in ports)
 
 
 def test_a_mesh_host_goes_to_an_instance_with_context(ups: Upstreams) -> None:
