@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,7 +35,7 @@ from mesh_middleware.adapters.httpx_errors import (
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.outbound.call import Call, CallRefused, Next
 from mesh_middleware.outbound.destination import Destination
-from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
+from mesh_middleware.outbound.mirror import ShadowSender, mirror_slots
 from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
 from mesh_middleware.resilience.retry_policy import Failure
 from mesh_middleware.runtime.context import current_deadline
@@ -554,6 +555,7 @@ class MeshTransport(httpx.BaseTransport):
         self.mesh = mesh
         self.transport = transport or httpx.HTTPTransport(**transport_options)
         self._plane = _Plane(mesh)
+        self._shadows = ShadowSender()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         plane = self._plane
@@ -569,8 +571,8 @@ class MeshTransport(httpx.BaseTransport):
             mesh = self.mesh
             _identity(request, mesh.identity_token(destination.service))
             shadow = plane.shadow(call, request)
-            if shadow is not None and mirror_slots.take():
-                shadow_executor().submit(self._send_shadow, shadow)
+            if shadow is not None:
+                self._shadows.submit(partial(self._send_shadow, shadow))
             url = request.url
             timeouts = request.extensions.get("timeout")
             send = self.transport.handle_request
@@ -607,19 +609,12 @@ class MeshTransport(httpx.BaseTransport):
             call.finish()
 
     def _send_shadow(self, shadow: httpx.Request) -> None:
+        response = self.transport.handle_request(shadow)
         try:
-            response = self.transport.handle_request(shadow)
-            try:
-                response.read()
-            finally:
-                response.close()
-        except Exception:  # a shadow never affects the caller; it is only counted
-            mirror_slots.give(failed=True)
-        except BaseException:  # cancelled (the client closed): the slot is free all the same
-            mirror_slots.give(failed=True)
-            raise
-        else:
-            mirror_slots.give()
+            response.read()
+        finally:
+            response.close()
 
     def close(self) -> None:
+        self._shadows.close()
         self.transport.close()

@@ -16,6 +16,7 @@ import json
 import random
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from urllib3.exceptions import NewConnectionError
 from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
-from mesh_middleware.outbound.mirror import mirror_slots, shadow_executor
+from mesh_middleware.outbound.mirror import ShadowSender
 from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
 from mesh_middleware.resilience.retry_policy import Failure
 from mesh_middleware.runtime.context import current_deadline
@@ -117,6 +118,7 @@ class MeshAdapter(HTTPAdapter):
         super().__init__(**options)
         self.mesh = mesh
         self.engine = mesh.outbound
+        self._shadows = ShadowSender()
 
     def send(
         self,
@@ -291,7 +293,7 @@ class MeshAdapter(HTTPAdapter):
     def _mirror(self, call: Call, request: requests.PreparedRequest, target: str) -> None:
         endpoint_set = call.endpoint_set
         subset = endpoint_set.subset(call.mirror_version) if endpoint_set is not None else ()
-        if not subset or not mirror_slots.take():
+        if not subset:
             return
         shadow = request.copy()
         endpoint = random.choice(subset)
@@ -299,16 +301,14 @@ class MeshAdapter(HTTPAdapter):
         shadow.headers["Host"] = f"{call.destination.service}-shadow"
         shadow.headers[_SHADOW] = "1"
         seconds = call.try_timeout(time.monotonic())
-        shadow_executor().submit(self._send_shadow, shadow, seconds)
+        self._shadows.submit(partial(self._send_shadow, shadow, seconds))
 
     def _send_shadow(self, shadow: requests.PreparedRequest, seconds: float) -> None:
-        try:
-            response = super().send(shadow, timeout=(seconds, seconds))
-            response.close()
-        except Exception:  # a shadow never affects the caller; it is only counted
-            mirror_slots.give(failed=True)
-        else:
-            mirror_slots.give()
+        super().send(shadow, timeout=(seconds, seconds)).close()
+
+    def close(self) -> None:
+        self._shadows.close()
+        super().close()
 
 
 def mesh_session(mesh: Mesh) -> requests.Session:

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "MAX_TOKEN_LIFETIME_SECONDS",
     "MAX_WATCHED_SERVICES",
+    "MIRROR_DRAIN_SECONDS",
     "POLICY_POLL_SECONDS",
     "REGISTRATION_TTL",
     "REGISTRY_BACKOFF_CAP_SECONDS",
@@ -141,6 +142,9 @@ SHADOW_HEADER = "x-mesh-shadow"
 
 MAX_MIRRORS_IN_FLIGHT = 64
 """Mirrored requests in flight per process; more are dropped, never queued."""
+
+MIRROR_DRAIN_SECONDS = 2.0
+"""How long a closing sync client waits for its mirrored requests in flight."""
 
 
 REPORT_INTERVAL_SECONDS = 10.0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from mesh_middleware import defaults
 from mesh_middleware.telemetry import metrics
 
-__all__ = ["MirrorSlots", "mirror_slots", "shadow_executor"]
+__all__ = ["MirrorSlots", "ShadowSender", "mirror_slots", "shadow_executor"]
 
 
 class MirrorSlots:
@@ -52,3 +53,51 @@ def shadow_executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-mirror")
         return _executor
+
+
+class ShadowSender:
+    """The shadows one sync client sends from the shared pool, and their end when it closes.
+
+    A shadow sent after its client closed would open a connection on a closed pool that nobody
+    closes again; so ``close`` stops new ones, lets those in flight finish (within ``drain``
+    seconds) and only then may the client close its pool.
+    """
+
+    def __init__(self, drain: float = defaults.MIRROR_DRAIN_SECONDS) -> None:
+        self.drain = drain
+        self._pending: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, send: Callable[[], None]) -> bool:
+        """Send ``send()`` in the background if a slot is free; ``False`` when dropped."""
+        with self._lock:
+            if self._closed or not mirror_slots.take():
+                return False
+            future = shadow_executor().submit(self._run, send)
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return True
+
+    def _run(self, send: Callable[[], None]) -> None:
+        if self._closed:  # queued until its client closed: never sent
+            mirror_slots.give(failed=True)
+            return
+        try:
+            send()
+        except Exception:  # a shadow never affects the caller; it is only counted
+            mirror_slots.give(failed=True)
+        else:
+            mirror_slots.give()
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def close(self) -> None:
+        """No new shadows; wait (bounded) for those in flight."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+        if pending:
+            wait(pending, timeout=self.drain)

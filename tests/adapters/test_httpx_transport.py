@@ -363,3 +363,23 @@ def test_dropping_headers_matches_the_public_api() -> None:
     untouched = httpx.Headers({"a": "1"})
     drop_headers(untouched, frozenset({b"x-mesh-identity"}))
     assert untouched.raw == [(b"a", b"1")]
+
+
+def test_a_closing_sync_client_lets_its_shadows_finish_first(ups: Upstreams) -> None:
+    """A shadow sent on a closed pool would open a connection nobody closes; so ``close`` waits
+    (bounded) for the shadows in flight, and they complete instead of failing."""
+    from mesh_middleware.outbound.mirror import mirror_slots
+
+    mesh = mesh_for(
+        "    inventory:\n      mirror: {to: {version: shadow}, percent: 100}\n"
+        f"      endpoints:\n        - {{url: '{url(ups.ok[0])}', version: v1}}\n"
+        f"        - {{url: '{url(ups.slow)}', version: shadow}}\n"
+        "      routes:\n        - to: [{version: v1}]\n"
+    )
+    before, failed = mirror_slots.in_flight, mirror_slots.failed
+    with mesh.client() as client:
+        for _ in range(3):
+            assert client.get("http://inventory/x").status_code == 200
+    assert mirror_slots.in_flight == before  # close returned after the 400 ms shadows
+    assert mirror_slots.failed == failed
+    mesh.close()

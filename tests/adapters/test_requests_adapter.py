@@ -108,6 +108,25 @@ def test_mirrored_requests_reach_the_shadow_only(ups: Upstreams) -> None:
     mesh.close()
 
 
+def test_a_closing_session_lets_its_shadows_finish_first(ups: Upstreams) -> None:
+    from mesh_middleware.outbound.mirror import mirror_slots
+
+    mesh = mesh_for(
+        "    inventory:\n      mirror: {to: {version: shadow}, percent: 100}\n"
+        f"      endpoints:\n        - {{url: '{url(ups.ok[0])}', version: v1}}\n"
+        f"        - {{url: '{url(ups.slow)}', version: shadow}}\n"
+        "      routes:\n        - to: [{version: v1}]\n"
+    )
+    before, failed = mirror_slots.in_flight, mirror_slots.failed
+    session = mesh.requests_session()
+    for _ in range(3):
+        assert session.get("http://inventory/x", timeout=5).status_code == 200
+    session.close()
+    assert mirror_slots.in_flight == before  # close returned after the 400 ms shadows
+    assert mirror_slots.failed == failed
+    mesh.close()
+
+
 def test_a_redirect_never_carries_mesh_headers_to_another_host(ups: Upstreams) -> None:
     mesh = mesh_for(f"    inventory:\n      endpoints:\n{endpoints(ups.ok[0])}")
     session = mesh.requests_session()
