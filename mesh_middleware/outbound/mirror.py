@@ -65,6 +65,10 @@ class ShadowSender:
 
     def __init__(self, drain: float = defaults.MIRROR_DRAIN_SECONDS) -> None:
         self.drain = drain
+        self.sent = 0
+        """Shadows that got an answer (any status)."""
+        self.failed = 0
+        """Shadows that failed, or were never sent because the client closed first."""
         self._pending: set[Future[None]] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -80,15 +84,19 @@ class ShadowSender:
         return True
 
     def _run(self, send: Callable[[], None]) -> None:
-        if self._closed:  # queued until its client closed: never sent
-            mirror_slots.give(failed=True)
-            return
-        try:
-            send()
-        except Exception:  # a shadow never affects the caller; it is only counted
-            mirror_slots.give(failed=True)
-        else:
-            mirror_slots.give()
+        ok = False
+        if not self._closed:  # else it waited in the queue until its client closed: never sent
+            try:
+                send()
+                ok = True
+            except Exception:  # a shadow never affects the caller; it is only counted
+                pass
+        with self._lock:
+            if ok:
+                self.sent += 1
+            else:
+                self.failed += 1
+        mirror_slots.give(failed=not ok)
 
     def _done(self, future: Future[None]) -> None:
         with self._lock:

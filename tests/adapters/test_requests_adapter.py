@@ -109,7 +109,7 @@ def test_mirrored_requests_reach_the_shadow_only(ups: Upstreams) -> None:
 
 
 def test_a_closing_session_lets_its_shadows_finish_first(ups: Upstreams) -> None:
-    from mesh_middleware.outbound.mirror import mirror_slots
+    from mesh_middleware.adapters.requests import MeshAdapter
 
     mesh = mesh_for(
         "    inventory:\n      mirror: {to: {version: shadow}, percent: 100}\n"
@@ -117,13 +117,14 @@ def test_a_closing_session_lets_its_shadows_finish_first(ups: Upstreams) -> None
         f"        - {{url: '{url(ups.slow)}', version: shadow}}\n"
         "      routes:\n        - to: [{version: v1}]\n"
     )
-    before, failed = mirror_slots.in_flight, mirror_slots.failed
     session = mesh.requests_session()
+    adapter = session.get_adapter("http://inventory/")
+    assert isinstance(adapter, MeshAdapter)
     for _ in range(3):
         assert session.get("http://inventory/x", timeout=5).status_code == 200
     session.close()
-    assert mirror_slots.in_flight == before  # close returned after the 400 ms shadows
-    assert mirror_slots.failed == failed
+    shadows = adapter._shadows
+    assert (shadows.sent, shadows.failed) == (3, 0)  # close returned after the 400 ms shadows
     mesh.close()
 
 
