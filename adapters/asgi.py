@@ -247,12 +247,13 @@ class MeshMiddleware:
                 request_bytes = int(value)
         method = scope.get("method", "GET")
         telemetry = self._telemetry
-        if kind == "http" and scope.get("path") == telemetry.settings().metrics_path:
+        settings = telemetry.settings()
+        if kind == "http" and scope.get("path") == settings.metrics_path:
             await _serve_metrics(raw_headers, send)  # public, as Prometheus has no identity
             return
         record = telemetry.begin(traceparent, tracestate, request_id, method)
         answer = _Answer(send)
-        entry_root = scope.get("root_path", "")
+        entry_root = root = scope.get("root_path", "")
         flags = metrics.NO_FLAGS
         caller: CallerIdentity | None = None
         path = scope.get("path", "/")
@@ -262,7 +263,6 @@ class MeshMiddleware:
                 flags = metrics.DEADLINE
                 await self._refuse(scope, receive, answer.send, _EXPIRED)  # the caller has gone
                 return
-            root = scope.get("root_path", "")
             raw_path = scope.get("raw_path")
             if root:
                 raw_root, path = _split_root(scope, root)
@@ -279,9 +279,10 @@ class MeshMiddleware:
             if admission.unknown_kid is not None:
                 admission = await self._admit_after_refetch(admission, method, path, token, headers)
             caller = admission.caller
-            flags = admission_flags(admission)
             if admission.path is not None:
                 path = admission.path
+            if admission.status is not None or admission.delay:
+                flags = admission_flags(admission)
             if admission.delay:
                 await anyio.sleep(admission.delay)
             if admission.status is not None:
@@ -307,14 +308,15 @@ class MeshMiddleware:
             telemetry.leave(record)
             telemetry.end(
                 record,
-                caller=caller.service if caller is not None else None,
-                method=method,
-                path=path,
-                route=_route_template(scope, entry_root),
-                status=answer.status if answer.status or kind == "http" else 101,
-                flags=flags,
-                request_bytes=request_bytes,
-                response_bytes=answer.bytes,
+                settings,
+                caller.service if caller is not None else None,
+                method,
+                path,
+                _route_template(scope, entry_root),
+                answer.status if answer.status or kind == "http" else 101,
+                flags,
+                request_bytes,
+                answer.bytes,
             )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

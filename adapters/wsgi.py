@@ -205,7 +205,8 @@ class MeshWSGIMiddleware:
             self.mesh.note_server_address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
         method = environ.get("REQUEST_METHOD", "GET")
         telemetry = self._telemetry
-        if environ.get("PATH_INFO") == telemetry.settings().metrics_path:
+        settings = telemetry.settings()
+        if environ.get("PATH_INFO") == settings.metrics_path:
             body, content_type = render_metrics(environ.get("HTTP_ACCEPT"))
             start_response(
                 "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))]
@@ -227,14 +228,15 @@ class MeshWSGIMiddleware:
             length = environ.get("CONTENT_LENGTH")
             telemetry.end(
                 record,
-                caller=caller.service if caller is not None else None,
-                method=method,
-                path=raw_path,
-                route=_route_template(environ),
-                status=answer.status,
-                flags=flags,
-                request_bytes=int(length) if length and length.isdigit() else 0,
-                response_bytes=response_bytes,
+                settings,
+                caller.service if caller is not None else None,
+                method,
+                raw_path,
+                _route_template(environ),
+                answer.status,
+                flags,
+                int(length) if length and length.isdigit() else 0,
+                response_bytes,
             )
 
         try:

@@ -127,6 +127,7 @@ class InboundEngine:
         name = caller.service if caller is not None else None
         decision = policy.authorizer.decide(name, method, path, headers)
         admission.decision = decision
+        metrics.note_decision(decision.labels)
         if not decision.allowed:
             _record_denial(policy.service, decision, name, method, path)
             admission.status = decision.status

@@ -8,6 +8,7 @@ the policy's ``telemetry:`` section and are compiled once per policy object.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextvars import Token
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.policy.compiled import CompiledPolicy
-from mesh_middleware.runtime.context import current_span
+from mesh_middleware.runtime.context import SpanHolder, current_trace
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.access_log import AccessLog
-from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.reports import EdgeReporter
 from mesh_middleware.telemetry.spans import Span, exporting, start_span
 from mesh_middleware.telemetry.tracecontext import SpanContext, child_of, incoming
@@ -39,16 +39,79 @@ class _Settings:
     version: str
 
 
-@dataclass(slots=True)
 class RequestRecord:
-    """One request in flight: its span, when it began, and the context tokens to restore."""
+    """One request in flight: when it began, its span, and the trace it continues.
 
-    span: Span | None
-    context: SpanContext
-    started: float
-    request_id: str
-    span_token: Token[SpanContext | None]
-    log_token: Token[tuple[str, str] | None]
+    It is what :data:`~mesh_middleware.runtime.context.current_trace` holds while the request
+    is served. The span's context is worked out on first use (:attr:`context`): parsing the
+    ``traceparent`` and drawing a span id cost more than the rest of the telemetry, and most
+    requests never need them (no outbound call, no log line, no span exporter).
+    """
+
+    __slots__ = (
+        "_context",
+        "_request_id",
+        "_telemetry",
+        "_traceparent",
+        "_tracestate",
+        "span",
+        "started",
+        "token",
+    )
+
+    def __init__(
+        self,
+        telemetry: InboundTelemetry,
+        traceparent: str | bytes | None,
+        tracestate: Sequence[str | bytes],
+        request_id: str | bytes | None,
+    ) -> None:
+        self._telemetry = telemetry
+        self._traceparent = traceparent
+        self._tracestate = tracestate
+        self._request_id = request_id
+        self._context: SpanContext | None = None
+        self.span: Span | None = None
+        self.started = time.perf_counter()
+        self.token: Token[SpanHolder | None] = current_trace.set(self)
+
+    @property
+    def context(self) -> SpanContext:
+        """The request's span: a child of the caller's, or the root of a new trace."""
+        context = self._context
+        if context is not None:
+            return context
+        with _resolving:  # threads sharing the request's context must all see one span id
+            context = self._context
+            if context is None:
+                parent, sampled = self._parent()
+                context = self._context = child_of(parent, sampled=sampled)
+        return context
+
+    def _parent(self) -> tuple[SpanContext | None, bool]:
+        traceparent = self._traceparent
+        parent = incoming(traceparent, self._tracestate) if traceparent is not None else None
+        if parent is not None:
+            return parent, True
+        rate = self._telemetry.settings().sample
+        return None, rate >= 1.0 or (rate > 0.0 and int.from_bytes(os.urandom(2)) < rate * 65536)
+
+    def start_span(self, method: str) -> None:
+        """Record a server span for this request (there is an exporter to send it to)."""
+        parent, sampled = self._parent()
+        span = self.span = start_span(method, "server", parent, sampled=sampled)
+        self._context = span.context
+
+    @property
+    def request_id(self) -> str:
+        """The caller's ``x-request-id``, or else the trace id."""
+        request_id = self._request_id
+        if isinstance(request_id, bytes):
+            request_id = request_id.decode("latin-1")
+        return request_id or self.context.trace_id
+
+
+_resolving = threading.Lock()
 
 
 class InboundTelemetry:
@@ -75,7 +138,9 @@ class InboundTelemetry:
             policy=policy,
             metrics=telemetry.metrics.enabled,
             metrics_path=telemetry.metrics.path if telemetry.metrics.enabled else None,
-            access_log=AccessLog(log.sample) if log.enabled else None,
+            access_log=(
+                AccessLog(log.sample, flush_interval=log.flush_interval) if log.enabled else None
+            ),
             sample=telemetry.tracing.sample,
             version=policy.loaded.policy.version or "unknown",
         )
@@ -88,39 +153,21 @@ class InboundTelemetry:
         request_id: str | bytes | None,
         method: str,
     ) -> RequestRecord:
-        """A request arrived: continue its trace (or start one) and make it current."""
-        parent = incoming(traceparent, tracestate) if traceparent is not None else None
-        sampled = True
-        if parent is None:
-            rate = self.settings().sample
-            sampled = rate >= 1.0 or (rate > 0.0 and int.from_bytes(os.urandom(2)) < rate * 65536)
-        span: Span | None = None
+        """A request arrived: make its record (and so its trace) current."""
+        record = RequestRecord(self, traceparent, tracestate, request_id)
         if exporting():
-            span = start_span(method, "server", parent, sampled=sampled)
-            context = span.context
-        else:  # nothing would read the span: its ids are all that is needed
-            context = child_of(parent, sampled=sampled)
-        if isinstance(request_id, bytes):
-            request_id = request_id.decode("latin-1")
-        return RequestRecord(
-            span,
-            context,
-            time.perf_counter(),
-            request_id or context.trace_id,
-            current_span.set(context),
-            current_log_context.set((context.trace_id, context.span_id)),
-        )
+            record.start_span(method)
+        return record
 
     @staticmethod
     def leave(record: RequestRecord) -> None:
-        """The app has returned: the request's span and log ids are no longer current."""
-        current_log_context.reset(record.log_token)
-        current_span.reset(record.span_token)
+        """The app has returned: the request's trace is no longer current."""
+        current_trace.reset(record.token)
 
     def end(
         self,
         record: RequestRecord,
-        *,
+        settings: _Settings,
         caller: str | None,
         method: str,
         path: str,
@@ -130,9 +177,11 @@ class InboundTelemetry:
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        """The answer was sent (``status`` 0: none was): record it everywhere it is due."""
+        """The answer was sent (``status`` 0: none was): record it everywhere it is due.
+
+        ``settings`` are those the request began with (:meth:`settings`); the arguments are
+        positional, as this runs for every request."""
         seconds = time.perf_counter() - record.started
-        settings = self.settings()
         policy = settings.policy
         source = caller or ANONYMOUS
         if settings.metrics:

@@ -39,7 +39,7 @@ FLAG_OF_REFUSAL = {
 
 def external_context() -> SpanContext:
     """The trace context for a call to a host outside the mesh: a child of the current span."""
-    return child_of(current_span.get())
+    return child_of(current_span())
 
 
 class OutboundTelemetry:
@@ -60,7 +60,7 @@ class OutboundTelemetry:
         Without one, the first try starts a trace and later tries are its children, so all
         the tries of one call are one trace.
         """
-        parent = current_span.get()
+        parent = current_span()
         if parent is None and call.span is not None:
             parent = call.span.context
         return start_span(method, "client", parent)
@@ -134,6 +134,10 @@ class OutboundTelemetry:
         if found is not None and found[0] is policy:
             return found[1]
         settings = policy.loaded.policy.telemetry.access_log
-        log = AccessLog(settings.sample) if settings.enabled else None
+        log = (
+            AccessLog(settings.sample, flush_interval=settings.flush_interval)
+            if settings.enabled
+            else None
+        )
         self._log = (policy, log)
         return log

@@ -9,7 +9,7 @@ decision looks at the few rules that can match, not at every rule in the file.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mesh_middleware.policy.conditions import Conditions
 from mesh_middleware.policy.loader import LoadedPolicy
@@ -35,6 +35,8 @@ class AuthorizationDecision:
     line: int | None
     reason: str
     audit: bool = False
+    labels: tuple[str, str, str, str] = field(default=("", "", "", ""), compare=False, repr=False)
+    """Its ``mesh_authorization_decisions_total`` labels: service, rule, action, mode."""
 
     @property
     def decision(self) -> str:
@@ -200,6 +202,22 @@ class _RuleIndex:
         return rules[best] if best < len(rules) else None
 
 
+def _decision(
+    service: str,
+    allow: bool,
+    rule: str | None,
+    line: int | None,
+    reason: str,
+    audit: bool = False,
+) -> AuthorizationDecision:
+    """A rule's (or a default's) decision; ``allow`` is what it says, ``audit`` that audit
+    mode lets a deny through."""
+    labels = (service, rule or "", "allow" if allow else "deny", "audit" if audit else "enforce")
+    if allow or audit:
+        return AuthorizationDecision(True, 200, rule, line, reason, audit=audit, labels=labels)
+    return AuthorizationDecision(False, 403, rule, line, reason, labels=labels)
+
+
 class Authorizer:
     """Authorizes requests against one policy file's rules."""
 
@@ -223,37 +241,39 @@ class Authorizer:
         self.allow = _RuleIndex(allow_rules) if allow_rules else None
         self.uses_headers = any(r.conditions.uses_headers for r in self.rules)
         self._plans: dict[tuple[str | None, str, str], _Plan] = {}
-        self.default_allow = AuthorizationDecision(
-            True, 200, None, None, "allowed by default: the policy has no allow rules"
+        service = loaded.policy.service
+        self.default_allow = _decision(
+            service, True, None, None, "allowed by default: the policy has no allow rules"
         )
         if self.audit:
-            self.default_deny = AuthorizationDecision(
-                True, 200, None, None, "audit mode: would deny, no allow rule matched", audit=True
+            self.default_deny = _decision(
+                service, False, None, None, "audit mode: would deny, no allow rule matched", True
             )
         else:
-            self.default_deny = AuthorizationDecision(
-                False, 403, None, None, "denied by default: no allow rule matched"
+            self.default_deny = _decision(
+                service, False, None, None, "denied by default: no allow rule matched"
             )
 
     def _compile(self, position: int, rule: Rule, loaded: LoadedPolicy) -> CompiledRule:
         line = loaded.line_of("inbound", "authorization", "rules", position)
         where = f"{loaded.source}:{line}" if line is not None else loaded.source
+        service = loaded.policy.service
         if rule.action == "allow":
-            decision = AuthorizationDecision(
-                True, 200, rule.name, line, f"allowed by rule {rule.name!r} ({where})"
+            decision = _decision(
+                service, True, rule.name, line, f"allowed by rule {rule.name!r} ({where})"
             )
         elif self.audit:
-            decision = AuthorizationDecision(
-                True,
-                200,
+            decision = _decision(
+                service,
+                False,
                 rule.name,
                 line,
                 f"audit mode: would deny by rule {rule.name!r} ({where})",
-                audit=True,
+                True,
             )
         else:
-            decision = AuthorizationDecision(
-                False, 403, rule.name, line, f"denied by rule {rule.name!r} ({where})"
+            decision = _decision(
+                service, False, rule.name, line, f"denied by rule {rule.name!r} ({where})"
             )
         conditions = Conditions(
             from_=rule.from_,

@@ -394,6 +394,7 @@ class AccessLogTelemetry(_Strict):
 
     enabled: bool = False
     sample: Ratio = 1.0
+    flush_interval: Annotated[Duration, Field(le=60)] = 1.0
 
 
 class TracingTelemetry(_Strict):

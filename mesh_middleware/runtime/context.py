@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import re
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh_middleware.telemetry.tracecontext import SpanContext
 
-__all__ = ["Deadline", "current_deadline", "current_span", "deadline_from_header"]
+__all__ = [
+    "Deadline",
+    "SpanHolder",
+    "current_deadline",
+    "current_span",
+    "current_trace",
+    "deadline_from_header",
+    "set_current_span",
+]
 
 _MAX_DEADLINE_MS = 24 * 3600 * 1000
 _MILLIS = re.compile(r"^[ \t]*[0-9]{1,12}[ \t]*$", re.ASCII)
@@ -55,5 +64,36 @@ def deadline_from_header(value: str | bytes | None) -> Deadline | None:
 current_deadline: ContextVar[Deadline | None] = ContextVar("mesh_deadline", default=None)
 """The deadline of the inbound request being served, if its caller sent one."""
 
-current_span: ContextVar[SpanContext | None] = ContextVar("mesh_span", default=None)
-"""The span of the inbound request being served: outbound calls made for it are its children."""
+
+class SpanHolder(Protocol):
+    """Holds a span's context, possibly worked out only when first asked for."""
+
+    @property
+    def context(self) -> SpanContext:
+        """The span's context (the same object every time)."""
+        ...
+
+
+class _Given:
+    __slots__ = ("context",)
+
+    def __init__(self, context: SpanContext) -> None:
+        self.context = context
+
+
+current_trace: ContextVar[SpanHolder | None] = ContextVar("mesh_trace", default=None)
+"""What holds the span of the inbound request being served (the middlewares set it).
+
+The holder parses the request's ``traceparent`` and draws the span's id only when something
+asks: most requests never make an outbound call or write a log line that needs them."""
+
+
+def current_span() -> SpanContext | None:
+    """The span of the request being served: outbound calls made for it are its children."""
+    holder = current_trace.get()
+    return None if holder is None else holder.context
+
+
+def set_current_span(context: SpanContext | None) -> Token[SpanHolder | None]:
+    """Make ``context`` the current span; ``current_trace.reset(token)`` restores the last."""
+    return current_trace.set(None if context is None else _Given(context))

@@ -30,6 +30,7 @@ from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
 from mesh_middleware.runtime.registry_link import RegistryLink
 from mesh_middleware.runtime.tokens import TokenCache
+from mesh_middleware.telemetry.access_log import flush_access_logs
 from mesh_middleware.telemetry.otel import enable_otlp
 from mesh_middleware.telemetry.reports import EdgeReporter
 
@@ -436,6 +437,7 @@ class Mesh:
             self._loop.stop()
         if self._link is not None:
             self._link.client.close()
+        flush_access_logs()
 
     def __enter__(self) -> Mesh:
         return self

@@ -1,11 +1,15 @@
 """Access logs: one JSON line per request, sampled per trace, cheap enough for every request.
 
 The line is rendered without the app's structlog configuration: a fixed template of the
-standard fields (extras rendered by :func:`render_json_line`, a structlog renderer) written by
-``structlog.WriteLogger`` (one write and flush per line, under its lock), so it is JSON
-whatever the app configured, and costs a few microseconds: the fields arrive complete with
+standard fields (extras rendered by :func:`render_json_line`, a structlog renderer), so it is
+JSON whatever the app configured, and costs a few microseconds: the fields arrive complete with
 each call, so a bound logger's context machinery would only add cost. Pass ``logger=`` to send
 the fields through a structlog logger of your own (and its processors) instead.
+
+Lines are written one at a time, or with ``flush_interval`` (the middlewares use the policy's,
+1 s by default) buffered: written together once 256 wait, ``flush_interval`` after the first,
+when the Mesh closes and at exit, as Envoy buffers its file access logs. A write per line is a
+system call per request, which costs more than the rest of the line.
 
 Sampling keeps a fraction ``sample`` of ordinary requests. With a trace id the choice is a
 function of the id alone, the rule of OpenTelemetry's ``TraceIdRatioBased`` sampler (the lower
@@ -17,21 +21,31 @@ logged.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
 import random
 import sys
+import threading
 import time
+import weakref
 import zlib
+from collections import deque
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol, TextIO
-
-import structlog
 
 from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.metrics import NO_FLAGS
 
-__all__ = ["FIELDS", "AccessLog", "render_json_line", "sampled"]
+__all__ = [
+    "FIELDS",
+    "MAX_BUFFERED_LINES",
+    "AccessLog",
+    "flush_access_logs",
+    "render_json_line",
+    "sampled",
+]
 
 FIELDS = (
     "ts",
@@ -57,6 +71,10 @@ FIELDS = (
 """Every line's keys, in order (fields passed as extras follow them)."""
 
 _TRACE_ID_LIMIT = 1 << 64
+_HUGE = 1e15  # a duration beyond this (or NaN) is no number worth writing
+
+MAX_BUFFERED_LINES = 256
+"""Buffered lines that are written at once, without waiting for the flush interval."""
 
 
 class _Logger(Protocol):
@@ -97,12 +115,6 @@ _encoder = _ENCODERS.get
 _KEYS: dict[str, str] = {}
 
 
-def _json_value(value: Any) -> str:
-    """One JSON value: by type, strings by the json module's C encoder (ASCII output)."""
-    result: str = _encoder(type(value), _other)(value)
-    return result
-
-
 def render_json_line(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
     """A structlog renderer: the event as one line of ASCII JSON, keys in the dict's order.
 
@@ -120,51 +132,132 @@ def render_json_line(_logger: Any, _method: str, event_dict: dict[str, Any]) -> 
     return "{" + ",".join(parts) + "}"
 
 
-_LINE = (
-    '{"ts":"%s","level":"info","logger":"mesh.access","event":"access","direction":%s,'
-    '"method":%s,"path":%s,"route":%s,"status":%s,"flags":%s,"duration_ms":%s,'
-    '"request_bytes":%s,"response_bytes":%s,"caller":%s,"destination":%s,"upstream":%s,'
-    '"trace_id":%s,"span_id":%s,"request_id":%s%s}'
-)
-"""The line of :data:`FIELDS`, filled in by :meth:`AccessLog.log` without building a dict."""
-
-
 class _Clock:
     """ISO 8601 UTC timestamps with milliseconds, formatting the seconds once per second."""
 
-    __slots__ = ("_cached",)
+    __slots__ = ("_prefix", "_second")
 
     def __init__(self) -> None:
-        self._cached = (-1, "")
+        self._second = -1
+        self._prefix = ""
 
     def now(self) -> str:
-        now = time.time()
-        second = int(now)
-        cached_second, prefix = self._cached
-        if second != cached_second:
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._cached = (second, prefix)
-        return f"{prefix}.{int((now - second) * 1000):03d}Z"
+        millis = time.time_ns() // 1_000_000
+        second = millis // 1000
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+            self._second = second
+        return self._prefix + _MILLIS[millis - second * 1000]
+
+
+_MILLIS = tuple(f"{n:03d}Z" for n in range(1000))
+
+
+class _Sink:
+    """Writes lines to a stream: each at once, or buffered (see the module's docstring)."""
+
+    __slots__ = ("__weakref__", "_armed", "_interval", "_lines", "_lock", "_stream")
+
+    def __init__(self, stream: TextIO, interval: float) -> None:
+        self._stream = stream
+        self._interval = interval
+        # A deque: appending and popping are atomic, so a request never takes a lock to log.
+        self._lines: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._armed = False
+        if interval > 0:
+            _SINKS.add(self)
+
+    def write(self, line: str) -> None:
+        if self._interval <= 0:
+            with self._lock:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            return
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= MAX_BUFFERED_LINES:
+            self.flush()
+        elif not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._armed:
+                return
+            self._armed = True
+        timer = threading.Timer(self._interval, self._timed_flush)
+        timer.daemon = True
+        timer.start()
+
+    def _timed_flush(self) -> None:
+        self._armed = False
+        self.flush()
+        if self._lines:  # more came while writing: they too are written within the interval
+            self._arm()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines = self._lines
+            pop = lines.popleft
+            taken = [pop() for _ in range(len(lines))]  # lines added meanwhile wait their turn
+            if not taken:
+                return
+            try:
+                self._stream.write("\n".join(taken) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # the stream was closed (at exit, say): lines lost
+                pass
+
+    def forget(self) -> None:
+        """In a forked child: the lines are the parent's to write, and no timer runs here."""
+        self._lines.clear()
+        self._armed = False
+        self._lock = threading.Lock()
+
+
+_SINKS: weakref.WeakSet[_Sink] = weakref.WeakSet()
+
+
+def flush_access_logs() -> None:
+    """Write every buffered access line now (the Mesh calls it on close; it runs at exit)."""
+    for sink in list(_SINKS):
+        sink.flush()
+
+
+def _after_fork_in_child() -> None:
+    for sink in list(_SINKS):
+        sink.forget()
+
+
+atexit.register(flush_access_logs)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AccessLog:
     """Writes access lines; one per process, shared by the inbound and outbound sides.
 
-    ``sample`` is the fraction (0-1) of ordinary requests kept. ``stream`` is where the private
-    JSON chain writes (default: ``sys.stderr`` as it is at construction); ``logger`` replaces
-    that chain with a structlog logger of your own, called as ``logger.info("access", **fields)``.
+    ``sample`` is the fraction (0-1) of ordinary requests kept. ``stream`` is where the lines
+    are written (default: ``sys.stderr`` as it is at construction), each at once or, with
+    ``flush_interval`` seconds, buffered; ``logger`` replaces that with a structlog logger of
+    your own, called as ``logger.info("access", **fields)``.
     """
 
     __slots__ = ("_clock", "_logger", "_sink", "sample")
 
     def __init__(
-        self, sample: float = 1.0, logger: _Logger | None = None, *, stream: TextIO | None = None
+        self,
+        sample: float = 1.0,
+        logger: _Logger | None = None,
+        *,
+        stream: TextIO | None = None,
+        flush_interval: float = 0.0,
     ) -> None:
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"sample must be between 0 and 1, got {sample!r}")
         self.sample = sample
         self._logger = logger
-        self._sink = structlog.WriteLogger(stream if stream is not None else sys.stderr)
+        self._sink = _Sink(stream if stream is not None else sys.stderr, flush_interval)
         self._clock = _Clock()
 
     def log(
@@ -195,7 +288,7 @@ class AccessLog:
         context (:mod:`mesh_middleware.telemetry.log_context`) are used when there is one.
         Extra keyword fields are added after the standard ones."""
         if trace_id is None:
-            context = current_log_context.get()
+            context = current_log_context()
             if context is not None:
                 trace_id, span_id = context
         if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
@@ -223,27 +316,20 @@ class AccessLog:
                 **extra,
             )
             return True
-        v = _json_value
-        self._sink.msg(
-            _LINE
-            % (
-                self._clock.now(),
-                v(direction),
-                v(method),
-                v(path),
-                v(route),
-                v(status),
-                v(flags),
-                v(round(duration_ms, 3)),
-                v(request_bytes),
-                v(response_bytes),
-                v(caller),
-                v(destination),
-                v(upstream),
-                v(trace_id),
-                v(span_id),
-                v(request_id),
-                "," + render_json_line(None, "info", extra)[1:-1] if extra else "",
-            )
+        q = _quote
+        self._sink.write(
+            f'{{"ts":"{self._clock.now()}","level":"info","logger":"mesh.access","event":"access",'
+            f'"direction":{q(direction)},"method":{q(method)},"path":{q(path)},'
+            f'"route":{"null" if route is None else q(route)},"status":{status:d},'
+            f'"flags":{q(flags)},"duration_ms":'
+            f"{f'{duration_ms:.3f}' if -_HUGE < duration_ms < _HUGE else 'null'},"
+            f'"request_bytes":{request_bytes:d},"response_bytes":{response_bytes:d},'
+            f'"caller":{"null" if caller is None else q(caller)},'
+            f'"destination":{"null" if destination is None else q(destination)},'
+            f'"upstream":{"null" if upstream is None else q(upstream)},'
+            f'"trace_id":{"null" if trace_id is None else q(trace_id)},'
+            f'"span_id":{"null" if span_id is None else q(span_id)},'
+            f'"request_id":{"null" if request_id is None else q(request_id)}'
+            f"{',' + render_json_line(None, 'info', extra)[1:-1] if extra else ''}}}"
         )
         return True

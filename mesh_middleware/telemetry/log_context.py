@@ -1,8 +1,8 @@
 """Log correlation: the app's own log lines carry the trace and span of the request.
 
-The inbound middleware (and the outbound clients, for their own lines) :func:`bind` the ids
-of the current request to :data:`current_log_context`, a ``ContextVar``, and :func:`unbind`
-them when it is over. Two readers put them on log lines:
+The inbound middlewares make the request's span current for as long as it is served
+(:data:`mesh_middleware.runtime.context.current_trace`, a ``ContextVar``);
+:func:`current_log_context` reads its ids. Two readers put them on log lines:
 
 - structlog: add :func:`add_trace_context` to the processors (before the renderer);
 - stdlib ``logging``: add a :class:`TraceContextFilter` to the handler and use
@@ -17,31 +17,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import MutableMapping
-from contextvars import ContextVar, Token
+from contextvars import Token
 from typing import Any
 
-__all__ = [
-    "TraceContextFilter",
-    "add_trace_context",
-    "bind",
-    "current_log_context",
-    "unbind",
-]
+from mesh_middleware.runtime.context import SpanHolder, current_trace, set_current_span
+from mesh_middleware.telemetry.tracecontext import FLAG_SAMPLED, SpanContext
 
-current_log_context: ContextVar[tuple[str, str] | None] = ContextVar(
-    "mesh_log_context", default=None
-)
-"""``(trace_id, span_id)`` of the request being served here, or ``None``."""
+__all__ = ["TraceContextFilter", "add_trace_context", "bind", "current_log_context", "unbind"]
 
 
-def bind(trace_id: str, span_id: str) -> Token[tuple[str, str] | None]:
-    """Make ``(trace_id, span_id)`` the current log context; keep the token for :func:`unbind`."""
-    return current_log_context.set((trace_id, span_id))
+def current_log_context() -> tuple[str, str] | None:
+    """``(trace_id, span_id)`` of the request being served here, or ``None``."""
+    holder = current_trace.get()
+    if holder is None:
+        return None
+    context = holder.context
+    return context.trace_id, context.span_id
 
 
-def unbind(token: Token[tuple[str, str] | None]) -> None:
-    """Restore the log context :func:`bind` replaced."""
-    current_log_context.reset(token)
+def bind(trace_id: str, span_id: str) -> Token[SpanHolder | None]:
+    """Make a span with these ids current (work done outside a request, say, that continues a
+    trace); keep the token for :func:`unbind`."""
+    return set_current_span(SpanContext(trace_id, span_id, FLAG_SAMPLED))
+
+
+def unbind(token: Token[SpanHolder | None]) -> None:
+    """Restore the span :func:`bind` replaced."""
+    current_trace.reset(token)
 
 
 def add_trace_context(
@@ -50,7 +52,7 @@ def add_trace_context(
     """structlog processor: add ``trace_id`` and ``span_id`` of the current request.
 
     Keys the event already has are left alone; outside a request nothing is added."""
-    context = current_log_context.get()
+    context = current_log_context()
     if context is not None:
         event_dict.setdefault("trace_id", context[0])
         event_dict.setdefault("span_id", context[1])
@@ -65,7 +67,7 @@ class TraceContextFilter(logging.Filter):
     are kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = current_log_context.get()
+        context = current_log_context()
         trace_id, span_id = context if context is not None else ("", "")
         if not hasattr(record, "trace_id"):
             record.trace_id = trace_id

@@ -19,6 +19,8 @@ import os
 import threading
 import weakref
 from bisect import bisect_left
+from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -81,6 +83,7 @@ __all__ = [
     "exposed_names",
     "join_flags",
     "method_label",
+    "note_decision",
     "set_ejected_endpoints",
     "set_registry_state",
 ]
@@ -277,6 +280,7 @@ def flush_pending() -> None:
     with several worker processes each worker also does it at least once a second)."""
     for recorder in list(_RECORDERS):
         recorder.flush()
+    _DECISIONS.flush()
 
 
 # A worker leaving (gunicorn's graceful exit runs atexit) folds in what it counted last.
@@ -289,6 +293,7 @@ def _after_fork_in_child() -> None:
         recorder._lock = threading.Lock()
         recorder._pending = {}
         recorder._armed = False
+    _DECISIONS.forget()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -587,7 +592,7 @@ AUTHORIZATION_DENIALS = Counter(
 AUTHORIZATION_DECISIONS = Counter(
     "mesh_authorization_decisions",
     "Authorization decisions by rule (empty: the default) and action (allow, deny); "
-    "mode=audit counts what audit mode would have decided.",
+    "mode=audit counts denials that audit mode let through.",
     ["service", "rule", "action", "mode"],
 )
 
@@ -741,6 +746,49 @@ def count_decision(service: str, rule: str | None, *, allowed: bool, audit: bool
     _decisions(
         service, rule or "", "allow" if allowed else "deny", "audit" if audit else "enforce"
     ).inc()
+
+
+class _DecisionTally:
+    """Authorization decisions noted per request (one atomic append), counted in batches.
+
+    Folded into ``mesh_authorization_decisions_total`` with the request tallies (within a
+    second, at each scrape, at exit) and whenever :data:`_MAX_NOTED` wait.
+    """
+
+    __slots__ = ("_lock", "_noted")
+
+    def __init__(self) -> None:
+        self._noted: deque[tuple[str, str, str, str]] = deque()
+        self._lock = threading.Lock()
+
+    def note(self, key: tuple[str, str, str, str]) -> None:
+        noted = self._noted
+        noted.append(key)
+        if len(noted) >= _MAX_NOTED:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            noted = self._noted
+            pop = noted.popleft
+            counts = Tally(pop() for _ in range(len(noted)))
+        for key, count in counts.items():
+            _decisions(*key).inc(count)
+
+    def forget(self) -> None:
+        self._noted.clear()
+        self._lock = threading.Lock()
+
+
+_MAX_NOTED = 4096
+_DECISIONS = _DecisionTally()
+
+
+def note_decision(labels: tuple[str, str, str, str]) -> None:
+    """Count one authorization decision, batched: ``labels`` are service, rule (empty for a
+    default), action (allow, deny: what the rule says) and mode (enforce; audit when audit mode
+    let a deny through)."""
+    _DECISIONS.note(labels)
 
 
 def count_fault(service: str, fault: str, delayed: bool, abort_status: int | None) -> None:

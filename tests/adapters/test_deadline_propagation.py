@@ -27,7 +27,7 @@ class _App:
         self.seen: list[tuple[Any, Any, Any]] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.seen.append((get_deadline(scope), get_deadline(), current_span.get()))
+        self.seen.append((get_deadline(scope), get_deadline(), current_span()))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -70,7 +70,7 @@ def test_asgi_the_app_reads_the_deadline_and_the_trace() -> None:
     assert from_scope is from_context and 1.3 < from_scope.remaining() <= 1.5
     assert trace is not None and trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert trace.span_id != "00f067aa0ba902b7"  # this request's own span, a child of the caller's
-    assert current_deadline.get() is None and current_span.get() is None  # reset
+    assert current_deadline.get() is None and current_span() is None  # reset
     _asgi(middleware, {})
     no_deadline, none_either, new_trace = app.seen[1]
     assert no_deadline is None and none_either is None
@@ -79,7 +79,7 @@ def test_asgi_the_app_reads_the_deadline_and_the_trace() -> None:
 
 def _wsgi_app(seen: list[Any]) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        seen.append((get_deadline(environ), get_deadline(), current_span.get()))
+        seen.append((get_deadline(environ), get_deadline(), current_span()))
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 

@@ -21,7 +21,12 @@ from mesh_middleware import (
 )
 from mesh_middleware.adapters.httpx import aim
 from mesh_middleware.discovery.endpoints import Endpoint
-from mesh_middleware.runtime.context import Deadline, current_deadline, current_span
+from mesh_middleware.runtime.context import (
+    Deadline,
+    current_deadline,
+    current_trace,
+    set_current_span,
+)
 from mesh_middleware.telemetry.tracecontext import SpanContext
 from tests.adapters.outbound_upstreams import Upstreams, endpoints, mesh_for, upstreams, url
 
@@ -72,14 +77,14 @@ def test_other_hosts_bypass_the_mesh_and_get_only_trace_context(ups: Upstreams) 
 
 def test_the_inbound_trace_is_continued(ups: Upstreams) -> None:
     mesh = mesh_for(f"    inventory:\n      endpoints:\n{endpoints(ups.ok[0])}")
-    token = current_span.set(
+    token = set_current_span(
         SpanContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", 1, "vendor=x")
     )
     try:
         with mesh.client() as client:
             sent = client.get("http://inventory/x").json()["headers"]["traceparent"]
     finally:
-        current_span.reset(token)
+        current_trace.reset(token)
     assert sent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and sent.endswith("-01")
     mesh.close()
 
@@ -368,18 +373,16 @@ def test_dropping_headers_matches_the_public_api() -> None:
 def test_a_closing_sync_client_lets_its_shadows_finish_first(ups: Upstreams) -> None:
     """A shadow sent on a closed pool would open a connection nobody closes; so ``close`` waits
     (bounded) for the shadows in flight, and they complete instead of failing."""
-    from mesh_middleware.outbound.mirror import mirror_slots
-
     mesh = mesh_for(
         "    inventory:\n      mirror: {to: {version: shadow}, percent: 100}\n"
         f"      endpoints:\n        - {{url: '{url(ups.ok[0])}', version: v1}}\n"
         f"        - {{url: '{url(ups.slow)}', version: shadow}}\n"
         "      routes:\n        - to: [{version: v1}]\n"
     )
-    before, failed = mirror_slots.in_flight, mirror_slots.failed
-    with mesh.client() as client:
+    transport = MeshTransport(mesh)
+    with httpx.Client(transport=transport) as client:
         for _ in range(3):
             assert client.get("http://inventory/x").status_code == 200
-    assert mirror_slots.in_flight == before  # close returned after the 400 ms shadows
-    assert mirror_slots.failed == failed
+    shadows = transport._shadows
+    assert (shadows.sent, shadows.failed) == (3, 0)  # close returned after the 400 ms shadows
     mesh.close()

@@ -34,10 +34,18 @@ class InProcessClient:
         self._base_url = base_url
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.request("GET", path, headers)
+
+    def post(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.request("POST", path, headers)
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         async def call() -> httpx.Response:
             transport = httpx.ASGITransport(app=self._app)
             async with httpx.AsyncClient(transport=transport, base_url=self._base_url) as client:
-                return await client.get(path, headers=headers)
+                return await client.request(method, path, headers=headers)
 
         return anyio.run(call)
 
@@ -59,8 +67,8 @@ def sample(name: str, **labels: str) -> float:
 
 def starlette_app(seen: list[Any]) -> Starlette:
     async def item(request: Request) -> JSONResponse:
-        span = current_span.get()
-        seen.append((span, log_context.current_log_context.get()))
+        span = current_span()
+        seen.append((span, log_context.current_log_context()))
         (value,) = request.path_params.values()
         logging.getLogger("app").warning("serving %s", value)
         return JSONResponse({"item": value})
@@ -141,6 +149,45 @@ def test_refusals_carry_flags(asgi: tuple[InProcessClient, list[Any], Mesh]) -> 
     )
 
 
+def test_authorization_decisions_are_counted_by_rule_action_and_mode(
+    asgi: tuple[InProcessClient, list[Any], Mesh],
+) -> None:
+    client, _, _ = asgi
+
+    def decisions(service: str, rule: str, action: str, mode: str = "enforce") -> float:
+        return sample(
+            "mesh_authorization_decisions_total",
+            service=service,
+            rule=rule,
+            action=action,
+            mode=mode,
+        )
+
+    allowed, denied = decisions("wired", "", "allow"), decisions("wired", "no-admin", "deny")
+    for _ in range(2):
+        assert client.get("/items/1").status_code == 200
+    assert client.get("/admin/x").status_code == 403
+    assert decisions("wired", "", "allow") == allowed + 2  # no allow rules: the default
+    assert decisions("wired", "no-admin", "deny") == denied + 1
+
+    audit = Mesh(
+        compile_policy_text(
+            policy(
+                "audited",
+                rules="  authorization:\n    mode: audit\n    rules:\n"
+                "      - {name: reads, action: allow, methods: [GET]}\n",
+            )
+        ),
+        watch=False,
+    )
+    with InProcessClient(MeshMiddleware(starlette_app([]), mesh=audit), "http://a") as audited:
+        assert audited.get("/items/1").status_code == 200
+        assert audited.post("/items/1").status_code == 405  # let through to the app
+    assert decisions("audited", "reads", "allow") == 1
+    assert decisions("audited", "", "deny", mode="audit") == 1
+    audit.close()
+
+
 def test_the_callers_trace_is_continued_and_app_logs_carry_it(
     asgi: tuple[InProcessClient, list[Any], Mesh], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,7 +204,7 @@ def test_the_callers_trace_is_continued_and_app_logs_carry_it(
     client.get("/items/2", headers={"traceparent": "00-zz-bad-01"})
     fresh, _ = seen[-1]
     assert fresh.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"  # invalid: a new trace
-    assert current_span.get() is None  # nothing leaks out of the request
+    assert current_span() is None  # nothing leaks out of the request
 
 
 def test_access_log_lines_when_the_policy_asks(capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,6 +216,7 @@ def test_access_log_lines_when_the_policy_asks(capsys: pytest.CaptureFixture[str
     app = MeshMiddleware(starlette_app(seen), mesh=mesh)
     with InProcessClient(app, base_url="http://logged") as client:
         client.get("/items/5?secret=1", headers={"traceparent": TRACE, "x-request-id": "r-1"})
+    mesh.close()  # writes the buffered lines
     lines = [
         json.loads(line) for line in capsys.readouterr().err.splitlines() if '"direction"' in line
     ]
@@ -178,7 +226,6 @@ def test_access_log_lines_when_the_policy_asks(capsys: pytest.CaptureFixture[str
     assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert line["request_id"] == "r-1" and line["caller"] == "anonymous"
     assert line["response_bytes"] == len(b'{"item":"5"}')
-    mesh.close()
 
 
 def test_flask_routes_and_metrics_page() -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +15,14 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_middleware.telemetry.access_log import FIELDS, AccessLog, render_json_line, sampled
+from mesh_middleware.telemetry.access_log import (
+    FIELDS,
+    MAX_BUFFERED_LINES,
+    AccessLog,
+    flush_access_logs,
+    render_json_line,
+    sampled,
+)
 from mesh_middleware.telemetry.log_context import bind, unbind
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -209,3 +217,45 @@ def test_the_renderer_survives_odd_values() -> None:
     )
     assert line["inf"] is None and line["nan"] is None
     assert "class" in line["obj"] and line["b"] == "b'x'"
+
+
+def test_buffered_lines_wait_for_the_flush_interval() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out, flush_interval=0.3)
+    started = time.monotonic()
+    for path in ("/a", "/b"):
+        assert log.log(**request(path=path))
+    assert out.getvalue() == ""  # one write for both, later
+    while out.getvalue() == "" and time.monotonic() - started < 5:
+        time.sleep(0.01)
+    assert time.monotonic() - started >= 0.25
+    assert [line["path"] for line in lines(out)] == ["/a", "/b"]
+
+
+def test_a_full_buffer_is_written_at_once_and_exit_writes_the_rest() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out, flush_interval=60)
+    for number in range(MAX_BUFFERED_LINES + 3):
+        log.log(**request(path=f"/{number}"))
+    assert len(lines(out)) == MAX_BUFFERED_LINES
+    flush_access_logs()  # what the Mesh's close and the exit hook do
+    assert [line["path"] for line in lines(out)] == [f"/{n}" for n in range(MAX_BUFFERED_LINES + 3)]
+
+
+def test_buffered_lines_from_many_threads_are_all_written_whole() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out, flush_interval=0.05)
+
+    def write(thread: int) -> None:
+        for number in range(300):
+            log.log(**request(path=f"/{thread}/{number}"))
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    flush_access_logs()
+    assert sorted(line["path"] for line in lines(out)) == sorted(
+        f"/{t}/{n}" for t in range(4) for n in range(300)
+    )

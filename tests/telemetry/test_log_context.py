@@ -30,14 +30,14 @@ TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
 
 def test_bind_and_unbind_nest() -> None:
-    assert current_log_context.get() is None
+    assert current_log_context() is None
     outer = bind(TRACE, SPAN)
     inner = bind(TRACE, "b" * 16)
-    assert current_log_context.get() == (TRACE, "b" * 16)
+    assert current_log_context() == (TRACE, "b" * 16)
     unbind(inner)
-    assert current_log_context.get() == (TRACE, SPAN)
+    assert current_log_context() == (TRACE, SPAN)
     unbind(outer)
-    assert current_log_context.get() is None
+    assert current_log_context() is None
 
 
 def test_the_structlog_processor_adds_the_ids_inside_a_request_only() -> None:
@@ -94,9 +94,9 @@ def test_threads_that_copy_the_context_see_the_ids() -> None:
     try:
         context = contextvars.copy_context()
         copied = threading.Thread(
-            target=lambda: context.run(lambda: seen.update(copied=current_log_context.get()))
+            target=lambda: context.run(lambda: seen.update(copied=current_log_context()))
         )
-        bare = threading.Thread(target=lambda: seen.update(bare=current_log_context.get()))
+        bare = threading.Thread(target=lambda: seen.update(bare=current_log_context()))
         copied.start()
         bare.start()
         copied.join()
@@ -111,7 +111,7 @@ def test_concurrent_tasks_keep_their_own_ids() -> None:
         token = bind(trace, SPAN)
         try:
             await asyncio.sleep(0.01)
-            return current_log_context.get()
+            return current_log_context()
         finally:
             unbind(token)
 

@@ -388,6 +388,7 @@ def test_the_telemetry_section_defaults() -> None:
     telemetry = parse_policy("service: shop\n").policy.telemetry
     assert telemetry.metrics.enabled and telemetry.metrics.path == "/metrics"
     assert not telemetry.access_log.enabled and telemetry.access_log.sample == 1.0
+    assert telemetry.access_log.flush_interval == 1.0
     assert telemetry.tracing.sample == 1.0 and telemetry.tracing.otlp_endpoint is None
 
 
@@ -396,12 +397,13 @@ def test_the_telemetry_section_reads_every_field() -> None:
         "service: shop\n"
         "telemetry:\n"
         "  metrics: {enabled: false, path: /internal/metrics}\n"
-        "  access_log: {enabled: true, sample: 0.25}\n"
+        "  access_log: {enabled: true, sample: 0.25, flush_interval: 200ms}\n"
         "  tracing: {sample: 1, otlp_endpoint: 'http://127.0.0.1:4318/v1/traces'}\n"
     )
     telemetry = parse_policy(text).policy.telemetry
     assert not telemetry.metrics.enabled and telemetry.metrics.path == "/internal/metrics"
     assert telemetry.access_log.enabled and telemetry.access_log.sample == 0.25
+    assert telemetry.access_log.flush_interval == 0.2
     assert telemetry.tracing.sample == 1.0
     assert telemetry.tracing.otlp_endpoint == "http://127.0.0.1:4318/v1/traces"
     assert "telemetry" in policy_json_schema()["properties"]
@@ -412,6 +414,8 @@ def test_the_telemetry_section_reads_every_field() -> None:
     [
         ("  access_log: {sample: 1.5}\n", "p.yaml:3: telemetry.access_log.sample"),
         ("  access_log: {sample: '0.5'}\n", "p.yaml:3: telemetry.access_log.sample"),
+        ("  access_log: {flush_interval: 2m}\n", "p.yaml:3: telemetry.access_log.flush_interval"),
+        ("  access_log: {flush_interval: 0s}\n", "telemetry.access_log.flush_interval"),
         ("  metrics: {path: metrics}\n", "plain path starting with '/'"),
         ("  metrics: {path: /metrics*}\n", "plain path"),
         ("  metrics: {path: /a//b}\n", "write it as '/a/b'"),
