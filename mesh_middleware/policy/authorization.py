@@ -225,6 +225,7 @@ class Authorizer:
         "_plans",
         "allow",
         "audit",
+        "audited",
         "default_allow",
         "default_deny",
         "deny",
@@ -236,7 +237,19 @@ class Authorizer:
         authz = loaded.policy.inbound.authorization
         self.audit = authz.mode == "audit"
         self.rules = [self._compile(i, rule, loaded) for i, rule in enumerate(authz.rules)]
-        self.deny = _RuleIndex([r for r in self.rules if r.action == "deny"])
+        # Deny rules with their own `mode: audit` never decide: they are looked at once the
+        # other rules have let a request through, to note the denial they would have made.
+        audited = {
+            r.position
+            for r, rule in zip(self.rules, authz.rules, strict=True)
+            if rule.mode == "audit"
+        }
+        self.deny = _RuleIndex(
+            [r for r in self.rules if r.action == "deny" and r.position not in audited]
+        )
+        self.audited = (
+            _RuleIndex([r for r in self.rules if r.position in audited]) if audited else None
+        )
         allow_rules = [r for r in self.rules if r.action == "allow"]
         self.allow = _RuleIndex(allow_rules) if allow_rules else None
         self.uses_headers = any(r.conditions.uses_headers for r in self.rules)
@@ -262,7 +275,7 @@ class Authorizer:
             decision = _decision(
                 service, True, rule.name, line, f"allowed by rule {rule.name!r} ({where})"
             )
-        elif self.audit:
+        elif rule.mode == "audit" or (self.audit and rule.mode is None):
             decision = _decision(
                 service,
                 False,
@@ -303,10 +316,28 @@ class Authorizer:
                 if len(self._plans) >= _PLAN_CACHE_SIZE:
                     self._plans = {}  # bounded: start over rather than track recency
                 self._plans[key] = plan
+        decision = plan.otherwise
         for rule in plan.checks:
             if rule.conditions.headers_hold(headers):
-                return rule.decision
-        return plan.otherwise
+                decision = rule.decision
+                break
+        if self.audited is not None and decision.allowed and not decision.audit:
+            return self._note_audited(decision, caller, method, path, headers)
+        return decision
+
+    def _note_audited(
+        self,
+        decision: AuthorizationDecision,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+    ) -> AuthorizationDecision:
+        """An allowed request that a deny rule in audit mode would have denied: that rule's
+        (audit) decision, which lets it through all the same."""
+        assert self.audited is not None
+        noted = self.audited.first_match(caller, method, path, headers)
+        return noted.decision if noted is not None else decision
 
     def _plan(self, caller: str | None, method: str, path: str) -> _Plan:
         checks: list[CompiledRule] = []
@@ -326,6 +357,14 @@ class Authorizer:
         self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
     ) -> AuthorizationDecision:
         """:meth:`decide` without the plan cache: every rule index consulted afresh."""
+        decision = self._decide_uncached(caller, method, path, headers)
+        if self.audited is not None and decision.allowed and not decision.audit:
+            return self._note_audited(decision, caller, method, path, headers)
+        return decision
+
+    def _decide_uncached(
+        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+    ) -> AuthorizationDecision:
         if self.deny.rules:
             denied = self.deny.first_match(caller, method, path, headers)
             if denied is not None:

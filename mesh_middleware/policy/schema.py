@@ -149,6 +149,13 @@ class Rule(_Strict):
     paths: list[PathPattern] = Field(default_factory=list)
     not_paths: list[PathPattern] = Field(default_factory=list)
     headers: Headers = Field(default_factory=dict)
+    mode: Literal["enforce", "audit"] | None = None
+
+    @model_validator(mode="after")
+    def _mode_on_deny_rules_only(self) -> Rule:
+        if self.mode is not None and self.action != "deny":
+            raise ValueError("'mode' applies to deny rules only (an allow rule never denies)")
+        return self
 
 
 class AuthorizationPolicy(_Strict):

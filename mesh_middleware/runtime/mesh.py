@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from mesh_middleware.inbound.engine import InboundEngine
 from mesh_middleware.inbound.telemetry import InboundTelemetry
 from mesh_middleware.outbound.engine import OutboundEngine
 from mesh_middleware.outbound.telemetry import OutboundTelemetry
-from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy_file
+from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy, compile_policy_file
 from mesh_middleware.policy.durations import parse_duration
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
@@ -63,6 +64,8 @@ class Mesh:
     answers 401 to everything but public paths. Given with a registry, ``jwks``, ``issuer``
     and ``trust_domain`` take precedence over what the registry says. With a registry, this
     process's requests are also reported to it per edge every ``report_interval`` seconds.
+    ``version`` (``MESH_VERSION``) replaces the policy's ``version``: one app and policy file
+    deployed as two versions, a canary.
     """
 
     def __init__(
@@ -80,7 +83,11 @@ class Mesh:
         registration_ttl: str = defaults.REGISTRATION_TTL,
         registry_timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
         report_interval: float = defaults.REPORT_INTERVAL_SECONDS,
+        version: str | None = None,
     ) -> None:
+        if version is not None and not 0 < len(version) <= 63:
+            raise ValueError(f"version must be 1 to 63 characters, got {version!r}")
+        self._version = version
         if isinstance(policy, CompiledPolicy):
             compiled, self.policy_file = policy, None
         else:
@@ -177,8 +184,9 @@ class Mesh:
         """A Mesh configured by the environment (explicit ``overrides`` win).
 
         ``MESH_POLICY`` (required), ``MESH_REGISTRY_URL``, ``MESH_JOIN_TOKEN``,
-        ``MESH_ADVERTISE``, ``MESH_JWKS``, ``MESH_ISSUER``, ``MESH_TRUST_DOMAIN`` and
-        ``MESH_REPORT_INTERVAL`` (a duration like ``10s``).
+        ``MESH_ADVERTISE``, ``MESH_JWKS``, ``MESH_ISSUER``, ``MESH_TRUST_DOMAIN``,
+        ``MESH_VERSION`` (overrides the policy's ``version``) and ``MESH_REPORT_INTERVAL`` (a
+        duration like ``10s``).
         """
         policy = overrides.pop("policy", None) or os.environ.get("MESH_POLICY")
         if not policy:
@@ -194,6 +202,7 @@ class Mesh:
             "registry_url": os.environ.get("MESH_REGISTRY_URL") or None,
             "join_token": os.environ.get("MESH_JOIN_TOKEN") or None,
             "advertise": os.environ.get("MESH_ADVERTISE") or None,
+            "version": os.environ.get("MESH_VERSION") or None,
         }
         interval = os.environ.get("MESH_REPORT_INTERVAL")
         if interval:
@@ -204,6 +213,13 @@ class Mesh:
     # -- state ---------------------------------------------------------------------------
 
     def _install(self, compiled: CompiledPolicy) -> None:
+        version = self._version
+        if version is not None and compiled.loaded.policy.version != version:
+            # The same app and policy deployed as another version (a canary): the deployment's
+            # version wins over the file's, as a pod's label does in Istio.
+            loaded = compiled.loaded
+            policy = loaded.policy.model_copy(update={"version": version})
+            compiled = compile_policy(dataclasses.replace(loaded, policy=policy))
         # One attribute holds the policy and the audience derived from it, so a request never
         # sees a new policy with an old audience.
         self._state = (compiled, service_id(compiled.service, self.trust_domain))

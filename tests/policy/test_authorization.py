@@ -56,3 +56,51 @@ def test_the_plan_cache_is_bounded() -> None:
     for n in range(10_000):
         authorizer.decide("orders", "GET", f"/items/{n}", {})
     assert len(authorizer._plans) <= 4096
+
+
+AUDITED_RULE = """\
+service: orders
+inbound:
+  authorization:
+    rules:
+      - {name: no-anonymous-writes, action: deny, mode: audit, from: [anonymous],
+         methods: [POST]}
+      - {name: no-admin, action: deny, paths: [/admin/*]}
+      - {name: gateway-orders, action: allow, from: [gateway, anonymous], paths: [/orders*]}
+"""
+
+
+def test_a_deny_rule_in_audit_mode_notes_what_it_would_deny_and_decides_nothing() -> None:
+    authorizer = compile_policy_text(AUDITED_RULE).authorizer
+    noted = authorizer.decide(None, "POST", "/orders", {})
+    assert noted.allowed and noted.audit and noted.rule == "no-anonymous-writes"
+    assert "would deny" in noted.reason
+    assert noted.labels[2:] == ("deny", "audit")
+    # The other rules still decide: what they deny stays denied, with their rule named.
+    assert authorizer.decide(None, "POST", "/admin/x", {}).rule == "no-admin"
+    assert not authorizer.decide(None, "POST", "/admin/x", {}).allowed
+    elsewhere = authorizer.decide(None, "POST", "/other", {})
+    assert not elsewhere.allowed and elsewhere.rule is None  # denied by default, not let through
+    plain = authorizer.decide("gateway", "POST", "/orders", {})
+    assert plain.allowed and not plain.audit and plain.rule == "gateway-orders"
+    for caller, method, path in itertools.product(
+        [None, "gateway", "orders"], ["GET", "POST"], ["/orders", "/admin/x", "/other"]
+    ):
+        cached = authorizer.decide(caller, method, path, {})
+        assert cached == authorizer.decide_uncached(caller, method, path, {})
+        # The same policy with the audited rule matching nobody decides the same way.
+        without = compile_policy_text(
+            AUDITED_RULE.replace("mode: audit, from: [anonymous]", "from: [nobody]")
+        ).authorizer.decide(caller, method, path, {})
+        assert cached.allowed == without.allowed, (caller, method, path)
+
+
+def test_mode_is_for_deny_rules_only() -> None:
+    import pytest
+
+    from mesh_middleware.errors import PolicyError
+
+    text = AUDITED_RULE.replace("action: allow, from", "action: allow, mode: audit, from")
+    with pytest.raises(PolicyError, match="deny rules only") as caught:
+        compile_policy_text(text, "p.yaml")
+    assert "p.yaml:8: inbound.authorization.rules[2]" in str(caught.value)

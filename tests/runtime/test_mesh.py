@@ -39,6 +39,26 @@ def test_from_env_reads_the_variables(
         assert mesh.keys.kids()
 
 
+def test_the_deployments_version_overrides_the_policy_files_across_reloads(
+    monkeypatch: pytest.MonkeyPatch, write_policy: PolicyWriter
+) -> None:
+    """One app and policy run as v1 and v2 (a canary): MESH_VERSION names the deployment's."""
+    path = write_policy("service: inventory\nversion: v1\n")
+    monkeypatch.setenv("MESH_POLICY", str(path))
+    monkeypatch.setenv("MESH_VERSION", "v2")
+    with Mesh.from_env(watch=False) as mesh:
+        assert mesh.policy.loaded.policy.version == "v2"
+        path.write_text("service: inventory\nversion: v1\ninbound: {authentication: permissive}\n")
+        assert mesh.reload_policy()
+        assert mesh.policy.loaded.policy.version == "v2"
+        assert not mesh.policy.strict
+    monkeypatch.delenv("MESH_VERSION")
+    with Mesh.from_env(watch=False) as mesh:
+        assert mesh.policy.loaded.policy.version == "v1"
+    with pytest.raises(ValueError, match="version"):
+        Mesh(path, watch=False, version="")
+
+
 def test_reload_swaps_the_policy_and_a_broken_edit_keeps_it(
     write_policy: PolicyWriter, make_mesh: Callable[..., Mesh]
 ) -> None:
