@@ -66,6 +66,8 @@ __all__ = [
     "RESET",
     "RESPONSE_BYTES",
     "RETRIED",
+    "SPANS_DROPPED",
+    "SPAN_EXPORT_ERRORS",
     "STANDARD_METHODS",
     "TIMEOUT",
     "UNAUTH",
@@ -662,6 +664,16 @@ OUTBOUND_MIRROR_DROPPED = Counter(
     "Mirrored (shadow) requests dropped because the process-wide cap on them was reached.",
 )
 
+SPANS_DROPPED = Counter(
+    "mesh_spans_dropped",
+    "Spans dropped because the export queue was full (the exporter is slower than requests).",
+)
+
+SPAN_EXPORT_ERRORS = Counter(
+    "mesh_span_export_errors",
+    "Spans whose export raised (the collector refused them or could not be reached).",
+)
+
 METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -681,6 +693,8 @@ METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     OUTBOUND_EJECTED_ENDPOINTS,
     OUTBOUND_CIRCUIT_OPEN,
     OUTBOUND_MIRROR_DROPPED,
+    SPANS_DROPPED,
+    SPAN_EXPORT_ERRORS,
 )
 """Every metric of the data plane (the registry service keeps its own, in its own registry)."""
 

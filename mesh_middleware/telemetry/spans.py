@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.tracecontext import FLAG_SAMPLED, SpanContext, child_of
 
 __all__ = [
@@ -135,6 +136,7 @@ class _Pipeline:
         # may miss a drop: the bound only has to keep memory finite, so no lock per request.
         if len(self.queue) >= MAX_QUEUED_SPANS:
             self.dropped += 1
+            metrics.SPANS_DROPPED.inc()
             return
         self.queue.append(span)
         if self.thread is None:
@@ -165,6 +167,7 @@ class _Pipeline:
                     self.exporter(item)
                 except Exception:
                     self.errors += 1
+                    metrics.SPAN_EXPORT_ERRORS.inc()
                     if self.errors == 1:
                         log.exception("span exporter failed; further failures are only counted")
             if self.stopping:

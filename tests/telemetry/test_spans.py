@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh_middleware.telemetry import spans
 from mesh_middleware.telemetry.spans import Span, start_span
@@ -117,12 +118,14 @@ def test_a_failing_exporter_never_reaches_the_caller_and_export_goes_on(
         seen.append(span.name)
 
     errors_before = spans.export_errors()
+    counted_before = REGISTRY.get_sample_value("mesh_span_export_errors_total") or 0.0
     spans.set_exporter(flaky)
     for name in ("bad1", "good1", "bad2", "good2"):
         start_span(name, "client", PARENT).end(200)
     assert spans.flush(5)
     assert seen == ["good1", "good2"]
     assert spans.export_errors() - errors_before == 2
+    assert REGISTRY.get_sample_value("mesh_span_export_errors_total") == counted_before + 2
     assert sum("span exporter failed" in r.message for r in caplog.records) <= 1
 
 
@@ -133,6 +136,7 @@ def test_a_stuck_exporter_never_blocks_and_overflow_is_dropped_and_counted(
     collect = Collect(blocked=True)
     spans.set_exporter(collect)
     dropped_before = spans.dropped_spans()
+    counted_before = REGISTRY.get_sample_value("mesh_spans_dropped_total") or 0.0
     started = time.perf_counter()
     for i in range(100):
         start_span(f"s{i}", "server", PARENT).end(200)
@@ -140,6 +144,7 @@ def test_a_stuck_exporter_never_blocks_and_overflow_is_dropped_and_counted(
     # The first span may already be with the exporter; at most 10 wait; the rest are dropped.
     dropped = spans.dropped_spans() - dropped_before
     assert 89 <= dropped <= 90
+    assert REGISTRY.get_sample_value("mesh_spans_dropped_total") == counted_before + dropped
     collect.release.set()
     assert spans.flush(5)
     assert len(collect.spans) == 100 - dropped
