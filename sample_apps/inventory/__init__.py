@@ -1,1 +1,1 @@
-"""inventory: a FastAPI service under uvicorn, strict mesh identity."""
+"""inventory: the shop's stock, a FastAPI service under uvicorn (strict mesh identity)."""

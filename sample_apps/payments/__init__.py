@@ -1,0 +1,1 @@
+"""payments: charges orders, a FastAPI service under uvicorn (strict mesh identity)."""
