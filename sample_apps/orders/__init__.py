@@ -1,1 +1,1 @@
-"""orders: a Flask service under gunicorn, permissive identity, authorization in audit mode."""
+"""orders: places orders, a Flask service under gunicorn with two workers (strict identity)."""
