@@ -1,0 +1,115 @@
+"""payments: a FastAPI app behind the mesh, run as two instances (payments-a, payments-b).
+
+Only ``orders`` may charge (``policy.yaml``). A request carrying ``x-chaos: on`` is answered
+503 by the mesh a quarter of the time, before it gets here: orders' retries hide that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from mesh_middleware import Mesh, MeshMiddleware
+
+__all__ = ["Charge", "create_app"]
+
+_REMEMBERED_KEYS = 10_000
+"""Idempotency keys kept per process; the oldest are forgotten first."""
+
+
+class Charge(BaseModel):
+    """What ``POST /charge`` asks for."""
+
+    order: str = Field(min_length=1, max_length=100)
+    amount: float = Field(ge=0)
+
+
+def create_app(mesh: Mesh) -> FastAPI:
+    """The payments app, served behind ``mesh``, which it closes at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        mesh.close()
+
+    app = FastAPI(title="payments", lifespan=lifespan)
+    app.add_middleware(MeshMiddleware, mesh=mesh)
+    _json_errors(app)
+    charge_numbers = itertools.count(1)
+    # A retried charge (same Idempotency-Key) that reaches this instance again is answered
+    # with the first charge, not charged twice.
+    charged: OrderedDict[str, int] = OrderedDict()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        """Liveness, public: who this instance is."""
+        return {
+            "status": "ok",
+            "service": mesh.service,
+            "version": mesh.policy.loaded.policy.version or "",
+            "instance": _instance(mesh),
+            "pid": os.getpid(),
+        }
+
+    @app.post("/charge")
+    async def charge(
+        charge: Charge, idempotency_key: str | None = Header(default=None, max_length=200)
+    ) -> dict[str, object]:
+        """Charge an order; the same ``Idempotency-Key`` is charged once per instance."""
+        replayed = idempotency_key is not None and idempotency_key in charged
+        if idempotency_key is None:
+            number = next(charge_numbers)
+        elif replayed:
+            number = charged[idempotency_key]
+        else:
+            number = charged[idempotency_key] = next(charge_numbers)
+            if len(charged) > _REMEMBERED_KEYS:
+                charged.popitem(last=False)
+        return {
+            "status": "charged",
+            "charge": number,
+            "order": charge.order,
+            "amount": charge.amount,
+            "replayed": replayed,
+            "instance": _instance(mesh),
+        }
+
+    return app
+
+
+def _instance(mesh: Mesh) -> str:
+    """The catalog's instance id once registered, else the pid (standalone or still joining)."""
+    return mesh.instance_id or str(os.getpid())
+
+
+def _error(status: int, error: str, reason: str) -> JSONResponse:
+    return JSONResponse({"error": error, "reason": reason}, status_code=status)
+
+
+def _json_errors(app: FastAPI) -> None:
+    """FastAPI's own errors (404, 405, 422, a crash) in the shop's ``{"error": ...}`` shape."""
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        reason = "; ".join(str(e.get("msg", e)) for e in exc.errors())
+        return _error(422, "invalid_request", reason)
+
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        return _error(500, "internal_error", type(exc).__name__)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, crashed)
