@@ -256,8 +256,15 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mesh_middleware.demo import run_demo
-
+    try:
+        from mesh_middleware.demo import run_demo
+    except ImportError as exc:
+        print(
+            f"mesh demo: not available in this installation ({exc}); it runs from a source "
+            "checkout: `./dev demo` there",
+            file=sys.stderr,
+        )
+        return 2
     return run_demo(duration=args.duration)
 
 
@@ -361,9 +368,15 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="print the registry's JSON answer")
     stat.set_defaults(run=_stat)
 
-    demo = commands.add_parser("demo", help="run sample apps with the mesh and drive traffic")
+    demo = commands.add_parser(
+        "demo", help="run the sample shop with a registry, drive traffic, check what it shows"
+    )
     demo.add_argument(
-        "--duration", type=float, default=None, metavar="N", help="stop after N seconds"
+        "--duration",
+        type=float,
+        default=None,
+        metavar="N",
+        help="seconds of traffic (default: until Ctrl-C, at most 1 hour)",
     )
     demo.set_defaults(run=_demo)
     return parser
