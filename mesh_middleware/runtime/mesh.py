@@ -244,6 +244,11 @@ class Mesh:
         return self._state[0].service
 
     @property
+    def version(self) -> str | None:
+        """This instance's version: ``MESH_VERSION`` (``version=``) or the policy's ``version``."""
+        return self._state[0].loaded.policy.version
+
+    @property
     def spiffe_id(self) -> str:
         """This app's SPIFFE ID: the audience its callers' tokens must name."""
         return self._state[1]

@@ -47,7 +47,7 @@ def test_the_deployments_version_overrides_the_policy_files_across_reloads(
     monkeypatch.setenv("MESH_POLICY", str(path))
     monkeypatch.setenv("MESH_VERSION", "v2")
     with Mesh.from_env(watch=False) as mesh:
-        assert mesh.policy.loaded.policy.version == "v2"
+        assert mesh.policy.loaded.policy.version == mesh.version == "v2"
         path.write_text("service: inventory\nversion: v1\ninbound: {authentication: permissive}\n")
         assert mesh.reload_policy()
         assert mesh.policy.loaded.policy.version == "v2"
