@@ -118,7 +118,9 @@ class Call:
         own = now + destination.timeout
         self.deadline = own if deadline is None or deadline > own else deadline
         self.choice: RouteChoice = destination.routes.select(method, path, headers)
-        mirror = destination.mirror
+        mirror = self.choice.mirror
+        if mirror is None:
+            mirror = destination.mirror
         self.mirrored = mirror is not None and mirror.chosen()
         self.mirror_version = mirror.version if mirror is not None else None
         self.endpoint_set: EndpointSet | None = destination.endpoints()

@@ -319,21 +319,6 @@ class RouteMatch(_Strict):
     headers: Headers = Field(default_factory=dict)
 
 
-class Route(_Strict):
-    """First matching route wins; ``to`` splits traffic by weight across subsets."""
-
-    name: str | None = None
-    match: RouteMatch = Field(default_factory=RouteMatch)
-    to: Annotated[list[Destination], Field(min_length=1)]
-    retry_non_idempotent: bool = False
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> Route:
-        if not any(destination.weight for destination in self.to):
-            raise ValueError("every weight in 'to' is 0: at least one must be above 0")
-        return self
-
-
 class MirrorTarget(_Strict):
     version: str | None = None
 
@@ -341,6 +326,22 @@ class MirrorTarget(_Strict):
 class Mirror(_Strict):
     to: MirrorTarget
     percent: Percent = 0
+
+
+class Route(_Strict):
+    """First matching route wins; ``to`` splits traffic by weight across subsets."""
+
+    name: str | None = None
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    to: Annotated[list[Destination], Field(min_length=1)]
+    retry_non_idempotent: bool = False
+    mirror: Mirror | None = None
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Route:
+        if not any(destination.weight for destination in self.to):
+            raise ValueError("every weight in 'to' is 0: at least one must be above 0")
+        return self
 
 
 class DestinationPolicy(_Strict):

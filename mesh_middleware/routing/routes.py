@@ -30,12 +30,14 @@ class RouteChoice:
     ``route`` is the route's ``name``, else ``route[i]`` (its index in the file), else
     ``"default"`` when no route applies; it is the ``route`` metric label. ``version`` is the
     version subset to call, ``None`` for every instance. ``retry_non_idempotent`` is the route's
-    opt-in to retrying methods that are not idempotent.
+    opt-in to retrying methods that are not idempotent. ``mirror`` is the route's own mirror
+    (it replaces the destination's for the calls the route takes), ``None`` when it has none.
     """
 
     route: str
     version: str | None
     retry_non_idempotent: bool
+    mirror: MirrorRule | None = None
 
 
 DEFAULT_CHOICE = RouteChoice("default", None, False)
@@ -65,8 +67,9 @@ class _CompiledRoute:
                 f"route {label!r}: every destination in 'to' has weight 0, so no call could "
                 "be routed; give at least one destination a weight above 0"
             )
+        mirror = MirrorRule(route.mirror) if route.mirror is not None else None
         self.choices = tuple(
-            RouteChoice(label, d.version, route.retry_non_idempotent) for d in weighted
+            RouteChoice(label, d.version, route.retry_non_idempotent, mirror) for d in weighted
         )
         self.cumulative = tuple(accumulate(d.weight for d in weighted))
         self.total = self.cumulative[-1]
@@ -169,7 +172,8 @@ def _routable_path(path: str) -> str:
 
 
 class MirrorRule:
-    """A destination's ``mirror``: which subset gets a shadow copy, and of how many calls."""
+    """A ``mirror`` (a destination's or a route's): which subset gets a shadow copy, and of
+    how many calls."""
 
     __slots__ = ("_fraction", "percent", "version")
 

@@ -252,3 +252,30 @@ def test_the_deadline_header_is_the_tries_own_limit(three: Destination) -> None:
     assert short.header_deadline(NOW) == "250"
     for each in (c, short):
         each.finish()
+
+
+def test_a_routes_mirror_replaces_the_destinations() -> None:
+    """Envoy mirrors per route: reads mirrored to v2, writes not, over a destination default."""
+    found, discovery = destination(
+        """  services:
+    inventory:
+      mirror: {to: {version: v3}, percent: 100}
+      routes:
+        - match: {methods: [GET]}
+          to: [{version: v1}]
+          mirror: {to: {version: v2}, percent: 100}
+        - match: {methods: [DELETE]}
+          to: [{version: v1}]
+          mirror: {to: {version: v2}, percent: 0}
+      endpoints:
+        - {url: "http://127.0.0.1:9001", version: v1}
+        - {url: "http://127.0.0.1:9002", version: v2}
+"""
+    )
+    reads, deletes, writes = call(found, "GET"), call(found, "DELETE"), call(found, "POST")
+    assert (reads.mirrored, reads.mirror_version) == (True, "v2")
+    assert not deletes.mirrored  # the route's own 0% wins over the destination's 100%
+    assert (writes.mirrored, writes.mirror_version) == (True, "v3")  # no route: the default
+    for made in (reads, deletes, writes):
+        made.finish()
+    discovery.close()

@@ -126,18 +126,21 @@ def test_exactly_one_deny_rule_is_in_audit_mode() -> None:
 
 
 def test_outbound_sections_show_canary_mirror_retries_and_outlier_detection() -> None:
-    """90/10 to inventory from gateway and orders; 20% mirrored to v2; charges retried 3 times
-    on gateway errors; outlier detection on every destination that has several instances."""
+    """90/10 to inventory from gateway and orders; 20% of reads mirrored to v2; charges retried
+    3 times on gateway errors; outlier detection on every destination with several instances."""
     gateway = compile_policy_file(POLICIES["gateway"]).loaded.policy.outbound.services
     orders = compile_policy_file(POLICIES["orders"]).loaded.policy.outbound.services
     for inventory in (gateway["inventory"], orders["inventory"]):
-        (route,) = inventory.routes
-        assert [(d.version, d.weight) for d in route.to] == [("v1", 90), ("v2", 10)]
+        for route in inventory.routes:
+            assert [(d.version, d.weight) for d in route.to] == [("v1", 90), ("v2", 10)]
         assert inventory.outlier_detection is not None
         assert inventory.endpoints == []  # instances come from the registry
-    mirror = gateway["inventory"].mirror
-    assert mirror is not None
-    assert (mirror.to.version, mirror.percent) == ("v2", 20)
+    reads, writes = gateway["inventory"].routes
+    assert reads.match.methods == ["GET"] and writes.match.methods == []
+    # Reads are mirrored (the route's own mirror); writes never are.
+    assert reads.mirror is not None and writes.mirror is None
+    assert (reads.mirror.to.version, reads.mirror.percent) == ("v2", 20)
+    assert gateway["inventory"].mirror is None
     retries = orders["payments"].retries
     assert retries is not None
     assert retries.attempts == 3
