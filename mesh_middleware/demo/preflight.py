@@ -42,12 +42,16 @@ class Preflight:
 
     @property
     def mirror_percent(self) -> float | None:
-        """The share of the gateway's inventory reads mirrored, as its policy says."""
+        """The share of the gateway's inventory calls mirrored, as its policy says: the first
+        route's own mirror (the reads', in the shop), else the destination's."""
         gateway = self.policies.get("gateway")
         if gateway is None:
             return None
         destination = gateway.loaded.policy.outbound.services.get("inventory")
-        mirror = destination.mirror if destination is not None else None
+        if destination is None:
+            return None
+        mirrors = [route.mirror for route in destination.routes if route.mirror is not None]
+        mirror = mirrors[0] if mirrors else destination.mirror
         return float(mirror.percent) if mirror is not None else None
 
 

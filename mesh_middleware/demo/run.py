@@ -121,7 +121,7 @@ class _Demo:
         self.board = Board()
         self.http = httpx.Client(timeout=5.0, trust_env=False)
         self.workdir = Path(tempfile.mkdtemp(prefix="mesh-demo-"))
-        self.shop = Shop(self.workdir, guard=interrupts.deferred)
+        self.shop = Shop(self.workdir)
         self.traffic: TrafficGenerator | None = None
         self.started = time.monotonic()
         self.interrupted = False

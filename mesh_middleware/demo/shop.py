@@ -16,6 +16,11 @@ too), gets SIGTERM if the process that started it dies (Linux), and logs to
 app answers ``/healthz`` *and* is listed, healthy, in the registry's catalog; otherwise it
 stops what it started and raises :class:`ShopError` with the failing app's log tail.
 
+Processes are started from one thread the shop keeps for that purpose, not from the caller's:
+Linux sends the die-with-parent signal when the *thread* that forked a child ends, so a
+restart asked for from a short-lived thread (a test's load helper) must not fork there. The
+shop's methods may be called from any thread.
+
 Use it as a context manager::
 
     from mesh_middleware.demo.shop import Shop
@@ -33,10 +38,8 @@ The API: :meth:`Shop.start`, :attr:`Shop.registry_url`, :attr:`Shop.gateway_url`
 :meth:`Shop.kill`, :meth:`Shop.restart` and :meth:`Shop.restart_registry`, :meth:`Shop.stop`
 (idempotent), :meth:`Shop.pids`, :meth:`Shop.leftover`, :meth:`Shop.log_path` and
 :meth:`Shop.log_paths`; ``Shop(workdir).launch()`` is :meth:`Shop.start` for a caller that
-stops the shop itself whatever happens (``mesh demo`` does, under its signal handling). Processes
-are spawned from the calling thread, which should be the main thread (see
-``_processes.die_with_parent``); a ``guard`` context manager may hold signals back while a
-process is spawned and recorded.
+stops the shop itself whatever happens (``mesh demo`` does: a Ctrl-C may land anywhere, and
+every process started is recorded by the spawning thread before ``launch`` hears of it).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -199,9 +203,6 @@ class _Process:
         return self.name if self.spec is None else f"{self.name} ({self.spec.server})"
 
 
-Guard = Callable[[], AbstractContextManager[Any]]
-
-
 class Shop:
     """The registry and the shop's apps as real processes; see the module docstring."""
 
@@ -212,16 +213,17 @@ class Shop:
         repo: Path = REPO,
         apps: Sequence[AppSpec] = SHOP_APPS,
         env: Mapping[str, str] | None = None,
-        guard: Guard = nullcontext,
     ) -> None:
         """Prepare (start nothing yet); :meth:`start` is the usual way in."""
         self.workdir = workdir
         self.repo = repo
         self._specs = tuple(apps)
         self._extra_env = dict(env or {})
-        self._guard = guard
         self._processes: dict[str, _Process] = {}
         self._refs: set[ProcessRef] = set()
+        self._lock = threading.Lock()
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="mesh-shop-spawner")
+        self._spawning: set[Future[None]] = set()
         self._stopped = False
         self._http = httpx.Client(timeout=_PROBE_TIMEOUT, trust_env=False)
 
@@ -236,7 +238,6 @@ class Shop:
         apps: Sequence[AppSpec] = SHOP_APPS,
         env: Mapping[str, str] | None = None,
         timeout: float = STARTUP_TIMEOUT_SECONDS,
-        guard: Guard = nullcontext,
     ) -> Shop:
         """Start the registry and every app; return once all are healthy and registered.
 
@@ -244,7 +245,7 @@ class Shop:
         may override ``MESH_REPORT_INTERVAL``). Raises :class:`ShopError` (after stopping
         whatever it started) when something does not come up within ``timeout`` seconds.
         """
-        shop = cls(workdir, repo=repo, apps=apps, env=env, guard=guard)
+        shop = cls(workdir, repo=repo, apps=apps, env=env)
         try:
             shop.launch(timeout)
         except BaseException:
@@ -326,25 +327,34 @@ class Shop:
         process.argv = self._argv(process, port)
         if process.spec is not None:
             process.env["MESH_REGISTRY_URL"] = self.registry_url
-        with self._guard():
-            log_file = process.log_path.open("ab")
-            try:
-                popen = subprocess.Popen(
-                    process.argv,
-                    cwd=self.repo,
-                    env=process.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
-                )
-            except BaseException:
-                log_file.close()
-                raise
+        future = self._spawner.submit(self._popen, process)
+        with self._lock:
+            self._spawning.add(future)
+        future.result()
+        with self._lock:
+            self._spawning.discard(future)
+
+    def _popen(self, process: _Process) -> None:
+        """On the spawner thread: start the process and record it before anyone is told."""
+        log_file = process.log_path.open("ab")
+        try:
+            popen = subprocess.Popen(
+                process.argv,
+                cwd=self.repo,
+                env=process.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException:
+            log_file.close()
+            raise
+        ref = process_ref(popen.pid)
+        with self._lock:
             process.popen = popen
             process.log_file = log_file
-            ref = process_ref(popen.pid)
             process.refs.add(ref)
             self._refs.add(ref)
 
@@ -522,11 +532,14 @@ class Shop:
     def pids(self) -> list[int]:
         """Every process the shop started (gunicorn's workers included), running or not."""
         self._note_descendants(self._processes.values())
-        return sorted({ref.pid for ref in self._refs})
+        with self._lock:
+            return sorted({ref.pid for ref in self._refs})
 
     def leftover(self) -> list[int]:
         """The processes the shop started that still run."""
-        return sorted(ref.pid for ref in self._refs if ref.alive())
+        with self._lock:
+            refs = list(self._refs)
+        return sorted(ref.pid for ref in refs if ref.alive())
 
     # -- disturbing ---------------------------------------------------------------------------
 
@@ -574,19 +587,25 @@ class Shop:
         SIGTERM, a bounded wait, then SIGKILL; idempotent. :meth:`leftover` tells whether
         anything survived.
         """
+        with self._lock:
+            spawning = set(self._spawning)
+        wait(spawning, timeout=STOP_TIMEOUT_SECONDS)  # a spawn a Ctrl-C cut short is recorded
         apps = [p for p in self._processes.values() if p.spec is not None]
         self._terminate(apps)
         self._terminate([p for p in self._processes.values() if p.spec is None])
         if not self._stopped:
             self._stopped = True
+            # Only now: the thread's end sends the die-with-parent signal to what it started.
+            self._spawner.shutdown(wait=True)
             self._http.close()
 
     def _note_descendants(self, processes: Iterable[_Process]) -> None:
         for process in processes:
             if process.running and process.popen is not None:
                 refs = {process_ref(pid) for pid in descendants(process.popen.pid)}
-                process.refs |= refs
-                self._refs |= refs
+                with self._lock:
+                    process.refs |= refs
+                    self._refs |= refs
 
     def _terminate(self, processes: list[_Process]) -> None:
         self._note_descendants(processes)
