@@ -114,7 +114,9 @@ class _Final:
 
 
 class _Demo:
-    def __init__(self, duration: float | None, preflight: Preflight, interrupts: Interrupts):
+    def __init__(
+        self, duration: float | None, preflight: Preflight, interrupts: Interrupts
+    ) -> None:
         self.duration = duration
         self.preflight = preflight
         self.interrupts = interrupts
@@ -170,10 +172,11 @@ class _Demo:
             f"  {'registry':<15} {'dev mode, sqlite':<21} {registry}  "
             f"metrics {self.shop.metrics_url('registry')}"
         )
-        for spec, instance in zip(SHOP_APPS, self.shop.instances(), strict=False):
+        servers = {spec.name: spec.server for spec in SHOP_APPS}
+        for instance in self.shop.instances():
             workers = f" (workers {' '.join(map(str, instance.worker_pids))})"
             print(
-                f"  {instance.name:<15} {spec.server:<21} {instance.url}  "
+                f"  {instance.name:<15} {servers[instance.name]:<21} {instance.url}  "
                 f"metrics {instance.url}/metrics  version {instance.version or '-'}  "
                 f"pid {instance.pid}{workers if instance.worker_pids else ''}"
             )
