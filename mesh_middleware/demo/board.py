@@ -23,6 +23,9 @@ EDGES: tuple[tuple[str, str], ...] = (
 )
 """The shop's edges, in the order the table shows them (others seen are added after)."""
 
+RECENT_SECONDS = 10.0
+"""The status line's recent v2 share is over this many seconds."""
+
 
 @dataclass(frozen=True, slots=True)
 class EdgeRow:
@@ -128,13 +131,18 @@ def render_status(tally: TrafficTally, *, until: str) -> str:
         f"t={tally.elapsed:5.1f} s",
         f"sent {tally.sent} ({rate:.1f}/s)",
         f"customer ok {ok}/{customer}",
-        f"reads v2 {'-' if share is None else f'{share:.1%}'} of {sum(tally.versions.values())}",
+        f"reads v2 {_percent(share)} of {sum(tally.versions.values())} "
+        f"(last {RECENT_SECONDS:g} s: {_percent(tally.recent_v2_share(RECENT_SECONDS))})",
         f"reserve-direct denied {denied}",
     ]
     errors = sum(sum(t.errors.values()) for t in tally.kinds.values())
     if errors or tally.skipped:
         parts.append(f"no answer {errors}, skipped {tally.skipped}")
     return "  ".join(parts) + f"  [{until}]"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
 
 
 class Board:

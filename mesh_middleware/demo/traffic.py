@@ -13,7 +13,7 @@ import copy
 import enum
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ CONCURRENCY = 16
 REQUEST_TIMEOUT_SECONDS = 5.0
 ITEMS = (1, 2, 3, 4, 5)
 _BODY_SAMPLE = 300
+_RECENT = 2000  # item reads remembered with their time: over a minute at the usual rate
 
 
 class Kind(enum.StrEnum):
@@ -102,6 +103,7 @@ class TrafficTally:
 
     kinds: dict[Kind, KindTally] = field(default_factory=lambda: {k: KindTally() for k in Kind})
     versions: Counter[str] = field(default_factory=Counter)  # inventory.version of item reads
+    recent: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=_RECENT))
     denials: Counter[tuple[str, str]] = field(default_factory=Counter)  # (by, rule) of 403s
     denial_reasons: dict[tuple[str, str], str] = field(default_factory=dict)
     skipped: int = 0  # not sent: the in-flight cap was reached
@@ -121,6 +123,13 @@ class TrafficTally:
         total = sum(self.versions.values())
         return self.versions.get("v2", 0) / total if total else None
 
+    def recent_v2_share(self, seconds: float, now: float | None = None) -> float | None:
+        """The v2 share of the item reads answered in the last ``seconds`` (a policy edit
+        shows here long before it moves the share since the start)."""
+        since = (time.monotonic() if now is None else now) - seconds
+        versions = [version for at, version in self.recent if at >= since]
+        return versions.count("v2") / len(versions) if versions else None
+
     def record(self, kind: Kind, status: int, body: Any, text: str) -> None:
         tally = self.kinds[kind]
         tally.statuses[status] += 1
@@ -131,6 +140,7 @@ class TrafficTally:
             inventory = body.get("inventory")
             version = inventory.get("version") if isinstance(inventory, dict) else None
             self.versions[str(version) if version else "?"] += 1
+            self.recent.append((time.monotonic(), str(version)))
         elif status == 403:
             key = (str(body.get("by", "?")), str(body.get("rule") or "-"))
             self.denials[key] += 1

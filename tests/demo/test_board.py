@@ -96,7 +96,7 @@ def test_the_status_line_says_what_the_client_saw() -> None:
     line = render_status(tally, until="for 20 s")
     assert "sent 2 (1.0/s)" in line
     assert "customer ok 1/1" in line
-    assert "reads v2 100.0% of 1" in line
+    assert "reads v2 100.0% of 1 (last 10 s: 100.0%)" in line
     assert "reserve-direct denied 1" in line
     assert "skipped 1" in line
     assert line.endswith("[for 20 s]")

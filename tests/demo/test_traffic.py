@@ -99,3 +99,17 @@ def test_stop_ends_a_long_run_at_once() -> None:
     assert time.monotonic() - began < 2
     assert not traffic.running
     assert traffic.snapshot().elapsed < 5
+
+
+def test_the_recent_v2_share_only_counts_the_last_seconds() -> None:
+    """Reads older than the window drop out, so a changed split shows at once."""
+    tally = TrafficTally()
+    for version in ("v1", "v1", "v2", "v2"):
+        tally.record(Kind.ITEM, 200, {"inventory": {"version": version}}, "")
+    now = time.monotonic()
+    assert tally.recent_v2_share(10, now) == 0.5
+    tally.recent[0] = (now - 20, "v1")
+    tally.recent[1] = (now - 20, "v1")
+    assert tally.recent_v2_share(10, now) == 1.0
+    assert tally.recent_v2_share(10, now + 60) is None
+    assert tally.v2_share() == 0.5
