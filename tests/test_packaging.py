@@ -62,3 +62,19 @@ def test_editable_install_maps_adapters_to_the_top_level_folder() -> None:
     import mesh_middleware.adapters.wsgi as wsgi
 
     assert Path(wsgi.__file__).resolve() == (REPO / "adapters" / "wsgi.py").resolve()
+
+
+def test_every_subpackage_is_listed_for_the_wheel() -> None:
+    """setuptools is given the packages by name (adapters/ is mapped in): a new subpackage
+    missing from the list would be left out of wheels while editable installs still work."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "mesh_middleware").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    } | {"mesh_middleware.adapters"}
+    assert found == listed
