@@ -89,16 +89,17 @@ def load(
     workers: int = 8,
     during: Callable[[], None] | None = None,
     pace: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> Outcomes:
     """``count`` calls (``calls(n)`` gives method, url and options), ``workers`` at a time, each
     worker waiting ``pace`` seconds after each call, stopping at ``seconds`` whatever is left;
-    ``during`` runs in this thread meanwhile."""
+    ``during`` runs in this thread meanwhile; no call starts once ``stop`` is set."""
     outcomes = Outcomes()
     deadline = time.monotonic() + seconds
     with httpx.Client(timeout=TIMEOUT, trust_env=False) as http:
 
         def one(n: int) -> None:
-            if time.monotonic() < deadline:
+            if time.monotonic() < deadline and not (stop is not None and stop.is_set()):
                 method, url, options = calls(n)
                 send(http, method, url, outcomes, **options)
                 time.sleep(pace)
@@ -201,7 +202,10 @@ def test_injected_payment_failures_are_masked_by_retries_within_budget(shop: Sho
     orders_metrics = scrape(shop, "orders")
     retries = metric(orders_metrics, "mesh_outbound_retries_total", destination_service="payments")
     assert faults - faults_before >= 15  # about 50 expected: the faults really were injected
-    assert retries - retries_before >= faults - faults_before - orders.failures(201).get(503, 0)
+    # Every fault was retried, except the last of an order whose every try failed (its answer
+    # is then a 502 naming payments: one such order in 256).
+    failed = orders.total - orders.statuses[201]
+    assert retries - retries_before >= faults - faults_before - failed
     assert (
         metric(
             orders_metrics,
@@ -253,26 +257,44 @@ def test_killing_an_inventory_instance_shifts_traffic_with_no_failed_gets(shop: 
 
 
 def test_restarting_the_registry_interrupts_nothing(shop: Shop) -> None:
-    """Apps keep serving on what they know while the registry is down and restarting; it
-    comes back with every instance still registered (its store survives restarts)."""
-    before = {i["id"] for i in shop.registered("inventory")}
+    """Apps keep serving on what they know while the registry is down and restarting, and
+    renew their leases with it once it is back (its store survives restarts; a lease not
+    renewed would lapse within the 15 s TTL)."""
+    window: list[float] = []
+    enough = threading.Event()
 
     def restart_midway() -> None:
         time.sleep(2)
+        window.append(time.monotonic())
         shop.restart_registry()
+        window.append(time.monotonic())
+        time.sleep(3)  # and some calls after it is back
+        enough.set()
 
+    # About 80 calls a second from 2 s before the restart to 3 s after it (at most 90 s).
     outcomes = load(
         lambda n: (
             ("GET", f"{shop.gateway_url}/shop/items/{n % 5 + 1}", {})
             if n % 3
             else ("POST", f"{shop.gateway_url}/shop/orders", {"json": {"item": 2, "quantity": 1}})
         ),
-        600,
+        7200,
         seconds=90,
         workers=4,
+        pace=0.05,
         during=restart_midway,
+        stop=enough,
     )
     bad = {status: n for status, n in outcomes.statuses.items() if status not in (200, 201)}
     assert bad == {}, outcomes.statuses
-    assert outcomes.total == 600
-    assert wait_until(lambda: {i["id"] for i in shop.registered("inventory")} >= before, 30)
+    down, up = window
+    answered = outcomes.answered_at
+    assert sum(down <= at <= up for at in answered) >= 10, "no call overlapped the restart"
+    assert sum(at > up + 1.0 for at in answered) >= 50, "the load ended with the restart"
+    # Past a whole lease after the restart, every app instance is still registered: each
+    # renewed its lease with the new registry process by itself.
+    running = {i.instance_id for i in shop.instances()}
+    time.sleep(16)
+    for service in ("gateway", "orders", "inventory", "payments"):
+        registered = {entry["id"] for entry in shop.registered(service)}
+        assert {i for i in running if i and i.startswith(service)} <= registered, service
