@@ -153,7 +153,10 @@ class _Demo:
                     with self.interrupts.ignored():
                         self._stop_everything()
                         logged = would_be_denials(self.shop.log_paths(apps_only=True))
-                        shutil.rmtree(self.workdir, ignore_errors=True)
+                        if failure is None:
+                            shutil.rmtree(self.workdir, ignore_errors=True)
+                        else:  # the error above points into these logs
+                            print(f"  logs kept in {self.workdir}")
                     break
                 except KeyboardInterrupt:
                     self.interrupted = True

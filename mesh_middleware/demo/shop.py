@@ -44,6 +44,7 @@ every process started is recorded by the spawning thread before ``launch`` hears
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -269,10 +270,14 @@ class Shop:
         self._wait_apps([self._processes[spec.name] for spec in self._specs], deadline)
 
     def _base_env(self) -> dict[str, str]:
+        # Proxy variables are dropped: every call in the shop is to 127.0.0.1, and httpx would
+        # send the apps' registry calls through a proxy they name.
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith("MESH_") and key != "PROMETHEUS_MULTIPROC_DIR"
+            if not key.startswith("MESH_")
+            and key != "PROMETHEUS_MULTIPROC_DIR"
+            and not key.lower().endswith("_proxy")
         }
         path = os.pathsep.join(p for p in (str(self.repo), env.get("PYTHONPATH", "")) if p)
         env.update(PYTHONPATH=path, PYTHONUNBUFFERED="1", NO_COLOR="1")
@@ -283,6 +288,7 @@ class Shop:
         env.update(
             MESH_POLICY=spec.policy,
             MESH_REPORT_INTERVAL="1s",
+            SHOP_FORWARD_CHAOS="1",  # the demo's chaos orders switch payments' fault on
         )
         if spec.version is not None:
             env["MESH_VERSION"] = spec.version
@@ -428,6 +434,10 @@ class Shop:
             return f"/healthz answered {response.status_code}"
         if process.spec is None:
             return None
+        try:
+            reported = response.json().get("instance")
+        except (ValueError, AttributeError):
+            reported = None
         service = process.spec.service
         if service not in catalog:
             try:
@@ -435,7 +445,13 @@ class Shop:
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 return f"registry catalog: {type(exc).__name__}"
         for entry in catalog[service]:
-            if entry.get("port") == process.port and entry.get("healthy"):
+            # A restarted app on the same port finds its predecessor's entry still leased: it
+            # is ready once it names that entry as its own (its registration was acknowledged).
+            if (
+                entry.get("port") == process.port
+                and entry.get("healthy")
+                and (reported is None or reported == entry.get("id"))
+            ):
                 process.instance_id = str(entry.get("id"))
                 version = entry.get("version")
                 process.version = str(version) if version else None
@@ -620,7 +636,10 @@ class Shop:
                 process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 signal_group(process.popen.pid, signal.SIGKILL)
-                process.popen.wait(timeout=5)
+                # One stuck even past SIGKILL (uninterruptible I/O) must not stop the others
+                # from being stopped: leftover() reports it.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.popen.wait(timeout=5)
         self._wait_gone(processes, time.monotonic() + 3.0)
         for process in processes:
             self._close_log(process)

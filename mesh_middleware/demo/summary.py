@@ -19,8 +19,9 @@ V2_SHARE_BAR = (0.05, 0.15)
 SUCCESS_BAR = 0.99
 """The share of customer requests that must succeed at the gateway while payments fails some."""
 
-MIN_READS = 30
-"""Fewer item reads than this say nothing about a 10% share."""
+MIN_READS = 300
+"""Below this many item reads the share is not judged: a correct 10% split would land outside
+5-15% too often (11% of the time at 90 reads, 1.8% at 180, 0.1% at 360)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Check:
     name: str
     passed: bool
     detail: str
+    judged: bool = True  # False: too little traffic to tell; it does not fail the demo
 
 
 @dataclass(slots=True)
@@ -61,7 +63,11 @@ def evaluate(findings: Findings) -> list[Check]:
 def _denials(findings: Findings) -> Check:
     tally = findings.tally.kinds[Kind.RESERVE]
     denied = tally.statuses.get(403, 0)
-    named = [(key, n) for key, n in findings.tally.denials.most_common() if key[1] != "-"]
+    named = [
+        (key, n)
+        for key, n in findings.tally.denials.most_common()
+        if key[0] == "inventory" and key[1] != "-"
+    ]
     parts = [f"{denied} of {tally.sent} reserve-direct calls denied with 403"]
     for (by, rule), count in named:
         reason = findings.tally.denial_reasons.get((by, rule), "")
@@ -72,7 +78,7 @@ def _denials(findings: Findings) -> Check:
         parts.append(
             "the apps' metrics count "
             + ", ".join(f"{s}/{r} x{n}" for (s, r), n in counted.items())
-            + (" (the mirror's shadow copies included)" if total > denied else "")
+            + (" (more than the calls: other callers were denied too)" if total > denied else "")
         )
     passed = denied > 0 and bool(named) and tally.succeeded == 0
     if tally.succeeded:
@@ -88,7 +94,14 @@ def _v2_share(tally: TrafficTally) -> Check:
     low, high = V2_SHARE_BAR
     bar = f"bar {low:.0%}-{high:.0%}"
     if share is None or reads < MIN_READS:
-        return Check("v2 share", False, f"only {reads} item reads answered: too few ({bar})")
+        seen = f"{share:.1%} of " if share is not None else ""
+        return Check(
+            "v2 share",
+            True,
+            f"{seen}{reads} item reads: too few to judge a 10% share (needs {MIN_READS}, "
+            f"about 17 s of traffic; {bar})",
+            judged=False,
+        )
     detail = f"{share:.1%} of {reads} item reads answered by inventory v2 ({bar})"
     others = {v: n for v, n in tally.versions.items() if v not in ("v1", "v2")}
     if others:
@@ -98,14 +111,17 @@ def _v2_share(tally: TrafficTally) -> Check:
 
 def _success(findings: Findings) -> Check:
     ok, sent = findings.tally.customer()
+    # A request skipped at the in-flight cap (the shop too slow to keep up) counts as failed.
+    skipped = findings.tally.skipped
     faults = findings.metrics.faults("payments")
     injected = sum(faults.values())
     fault_text = ", ".join(f"{name} {kind} x{n}" for (name, kind), n in faults.items())
-    rate = ok / sent if sent else 0.0
+    rate = ok / (sent + skipped) if sent else 0.0
     detail = (
         f"{rate:.2%} of {sent} customer requests (item reads, orders) succeeded at the gateway "
         f"(bar >= {SUCCESS_BAR:.0%}); payments injected {injected} faults"
         + (f" ({fault_text})" if fault_text else "")
+        + (f"; {skipped} requests skipped at the in-flight cap count as failed" if skipped else "")
     )
     failures = [
         f"{kind.value} {key} x{count}: {tally.examples.get(key, '')[:120]}"
@@ -213,5 +229,8 @@ def render_summary(findings: Findings, checks: Sequence[Check]) -> list[str]:
     if findings.metrics.errors:
         failed = ", ".join(f"{p} ({e})" for p, e in findings.metrics.errors.items())
         lines.append(f"  metrics pages that could not be read: {failed}")
-    lines += [f"  {'ok' if c.passed else 'FAIL':<5} {c.name:<10} {c.detail}" for c in checks]
+    lines += [
+        f"  {('ok' if c.passed else 'FAIL') if c.judged else '--':<5} {c.name:<10} {c.detail}"
+        for c in checks
+    ]
     return lines

@@ -32,7 +32,7 @@ __all__ = [
 
 REQUESTS_PER_SECOND = 30.0
 CONCURRENCY = 16
-REQUEST_TIMEOUT_SECONDS = 5.0
+REQUEST_TIMEOUT_SECONDS = 10.0
 ITEMS = (1, 2, 3, 4, 5)
 _BODY_SAMPLE = 300
 _RECENT = 2000  # item reads remembered with their time: over a minute at the usual rate
