@@ -63,9 +63,13 @@ class _Upstreams:
                 self._client = None
 
 
-def create_app(mesh: Mesh) -> FastAPI:
+def create_app(mesh: Mesh, *, forward_chaos: bool = False) -> FastAPI:
     """The gateway app, served behind ``mesh``; its lifespan opens the outbound client and
-    closes it and the Mesh at shutdown."""
+    closes it and the Mesh at shutdown.
+
+    ``forward_chaos`` passes the caller's ``x-chaos`` header on to orders (and so to payments'
+    fault). Only for demos: it lets anyone on the internet switch a fault on.
+    """
     upstreams = _Upstreams()
 
     @asynccontextmanager
@@ -104,8 +108,8 @@ def create_app(mesh: Mesh) -> FastAPI:
 
     @app.post("/shop/orders")
     async def shop_order(order: OrderRequest, request: Request) -> JSONResponse:
-        """Place an order with orders; ``x-chaos`` is forwarded when the caller sent it."""
-        chaos = request.headers.get("x-chaos")
+        """Place an order with orders; ``x-chaos`` is forwarded when allowed and sent."""
+        chaos = request.headers.get("x-chaos") if forward_chaos else None
         headers = {"x-chaos": chaos} if chaos is not None else {}
         try:
             answer = await upstreams.client.post(

@@ -13,10 +13,13 @@ own Mesh.
 
 from __future__ import annotations
 
+import os
+
 from mesh_middleware import Mesh
 from sample_apps.orders.service import create_app
 
 __all__ = ["app", "mesh"]
 
 mesh = Mesh.from_env()  # MESH_POLICY, MESH_REGISTRY_URL, MESH_REPORT_INTERVAL
-app = create_app(mesh)
+# The demo's chaos switch travels with requests only where SHOP_FORWARD_CHAOS=1 (mesh demo).
+app = create_app(mesh, forward_chaos=os.environ.get("SHOP_FORWARD_CHAOS") == "1")

@@ -72,9 +72,9 @@ class WorkerClient:
             client.close()
 
 
-def create_app(mesh: Mesh) -> Flask:
+def create_app(mesh: Mesh, *, forward_chaos: bool = False) -> Flask:
     """The orders app, served behind ``mesh``; ``app.extensions["mesh_client"]`` is its
-    :class:`WorkerClient`."""
+    :class:`WorkerClient`. ``forward_chaos`` passes ``x-chaos`` on to payments (demos only)."""
     app = Flask(__name__)
     app.wsgi_app = MeshWSGIMiddleware(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
     upstreams = WorkerClient(mesh)
@@ -119,7 +119,7 @@ def create_app(mesh: Mesh) -> Flask:
         if reserved.status_code != 200 or reservation is None:
             return _step_refused("reserve", "inventory", reserved, reservation)
         headers = {"Idempotency-Key": order_id}
-        chaos = request.headers.get("x-chaos")
+        chaos = request.headers.get("x-chaos") if forward_chaos else None
         if chaos is not None:
             headers["x-chaos"] = chaos
         charge = {"order": order_id, "amount": reservation.get("amount", 0)}

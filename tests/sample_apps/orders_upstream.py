@@ -11,4 +11,4 @@ from __future__ import annotations
 from sample_apps.orders.service import create_app
 from tests.sample_apps.minting import mesh_from_env
 
-app = create_app(mesh_from_env())
+app = create_app(mesh_from_env(), forward_chaos=True)

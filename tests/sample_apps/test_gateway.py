@@ -55,7 +55,7 @@ def serve(shop: Shop, tmp_path: Path) -> Iterator[Callable[..., Any]]:
         policy = derive_policy("gateway", tmp_path / f"gateway-{len(meshes)}.yaml", endpoints, edit)
         mesh = MintingMesh(policy, issuer=shop.issuer, jwks=shop.jwks, watch=False)
         meshes.append(mesh)
-        app = create_app(mesh)
+        app = create_app(mesh, forward_chaos=True)
 
         async def go() -> T:
             async with lifespan(app):

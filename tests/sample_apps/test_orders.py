@@ -33,14 +33,14 @@ def build(shop: Shop, tmp_path: Path) -> Iterator[Build]:
     """Build the orders app with these payments (and inventory) endpoints; closed after."""
     made: list[tuple[Flask, MintingMesh]] = []
 
-    def make(payments: list[int], inventory: bool = True) -> Flask:
+    def make(payments: list[int], inventory: bool = True, forward_chaos: bool = True) -> Flask:
         endpoints: Endpoints = {
             "payments": [(url(port), None) for port in payments],
             **({"inventory": shop.inventory_endpoints()} if inventory else {}),
         }
         policy = derive_policy("orders", tmp_path / f"orders-{len(made)}.yaml", endpoints)
         mesh = MintingMesh(policy, issuer=shop.issuer, jwks=shop.jwks, watch=False)
-        app = create_app(mesh)
+        app = create_app(mesh, forward_chaos=forward_chaos)
         made.append((app, mesh))
         return app
 
@@ -129,6 +129,13 @@ def test_a_charge_is_retried_three_times_then_the_step_is_named(shop: Shop, buil
         time.sleep(0.2)
     calm = _order(shop, app)  # no x-chaos header: nothing forwarded, nothing injected
     assert calm.status_code == 201
+
+
+def test_x_chaos_goes_no_further_unless_the_app_forwards_it(shop: Shop, build: Build) -> None:
+    """Outside the demo (no SHOP_FORWARD_CHAOS) a caller's `x-chaos` never reaches payments:
+    the instance that fails every chaos charge answers this one."""
+    app = build([shop.payments_chaos], forward_chaos=False)
+    assert _order(shop, app, **{"x-chaos": "on"}).status_code == 201
 
 
 def test_the_customers_mistakes_are_passed_on(shop: Shop, build: Build) -> None:
