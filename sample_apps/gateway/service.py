@@ -14,19 +14,12 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
-from mesh_middleware import (
-    CircuitOpen,
-    DeadlineExceeded,
-    Mesh,
-    MeshMiddleware,
-    NoHealthyInstances,
-    RetryBudgetExhausted,
-)
+from mesh_middleware import Mesh, MeshMiddleware
+from sample_apps.fastapi_errors import install_json_errors
+from sample_apps.mesh_errors import mesh_refusal
 
 __all__ = ["OrderRequest", "create_app", "mesh_failure"]
 
@@ -80,7 +73,7 @@ def create_app(mesh: Mesh, *, forward_chaos: bool = False) -> FastAPI:
 
     app = FastAPI(title="gateway", lifespan=lifespan)
     app.add_middleware(MeshMiddleware, mesh=mesh)
-    _json_errors(app)
+    install_json_errors(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
@@ -151,18 +144,8 @@ def mesh_failure(service: str, exc: httpx.HTTPError) -> JSONResponse:
     The mesh's refusals are 503 (nothing healthy, circuit open, retry budget spent) or 504
     (deadline); a transport failure the mesh passed on is 502, a timeout 504.
     """
-    status, error = 502, "upstream_unreachable"
-    if isinstance(exc, NoHealthyInstances):
-        status, error = 503, "no_healthy_instances"
-    elif isinstance(exc, CircuitOpen):
-        status, error = 503, "circuit_open"
-    elif isinstance(exc, RetryBudgetExhausted):
-        status, error = 503, "retry_budget_exhausted"
-    elif isinstance(exc, DeadlineExceeded):
-        status, error = 504, "deadline_exceeded"
-    elif isinstance(exc, httpx.TimeoutException):
-        status, error = 504, "upstream_timeout"
-    body = {"error": error, "service": service, "reason": str(exc) or type(exc).__name__}
+    status, name = mesh_refusal(exc)
+    body = {"error": name, "service": service, "reason": str(exc) or type(exc).__name__}
     return JSONResponse(body, status_code=status)
 
 
@@ -186,27 +169,3 @@ def _passed_on(
             status_code=502,
         )
     return JSONResponse(body, status_code=answer.status_code)
-
-
-def _error(status: int, error: str, reason: str) -> JSONResponse:
-    return JSONResponse({"error": error, "reason": reason}, status_code=status)
-
-
-def _json_errors(app: FastAPI) -> None:
-    """FastAPI's own errors (404, 405, 422, a crash) in the shop's ``{"error": ...}`` shape."""
-
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, "http_error", str(exc.detail))
-
-    async def invalid(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        reason = "; ".join(str(e.get("msg", e)) for e in exc.errors())
-        return _error(422, "invalid_request", reason)
-
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, "internal_error", type(exc).__name__)
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, crashed)

@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
 from mesh_middleware import Mesh, MeshMiddleware, get_caller
+from sample_apps.fastapi_errors import error, install_json_errors
 
 __all__ = ["ITEMS", "Item", "create_app"]
 
@@ -61,7 +60,7 @@ def create_app(mesh: Mesh) -> FastAPI:
 
     app = FastAPI(title="inventory", lifespan=lifespan)
     app.add_middleware(MeshMiddleware, mesh=mesh)
-    _json_errors(app)
+    install_json_errors(app)
     reservations = itertools.count(1)
 
     def who() -> dict[str, str]:
@@ -78,7 +77,7 @@ def create_app(mesh: Mesh) -> FastAPI:
         """One item, and which version and instance served it."""
         item = ITEMS.get(item_id)
         if item is None:
-            return _error(404, "not_found", f"no item {item_id}")
+            return error(404, "not_found", f"no item {item_id}")
         return JSONResponse({"item": item.model_dump(), **who(), "caller": _caller(request)})
 
     @app.post("/reserve")
@@ -86,7 +85,7 @@ def create_app(mesh: Mesh) -> FastAPI:
         """Reserve some of an item (the policy lets only ``orders`` get here)."""
         item = ITEMS.get(reservation.item)
         if item is None:
-            return _error(404, "not_found", f"no item {reservation.item}")
+            return error(404, "not_found", f"no item {reservation.item}")
         return JSONResponse(
             {
                 "reservation": next(reservations),
@@ -114,27 +113,3 @@ def _instance(mesh: Mesh) -> str:
 def _caller(request: Request) -> str:
     caller = get_caller(request)
     return caller.service if caller is not None else "anonymous"
-
-
-def _error(status: int, error: str, reason: str) -> JSONResponse:
-    return JSONResponse({"error": error, "reason": reason}, status_code=status)
-
-
-def _json_errors(app: FastAPI) -> None:
-    """FastAPI's own errors (404, 405, 422, a crash) in the shop's ``{"error": ...}`` shape."""
-
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, "http_error", str(exc.detail))
-
-    async def invalid(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        reason = "; ".join(str(e.get("msg", e)) for e in exc.errors())
-        return _error(422, "invalid_request", reason)
-
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, "internal_error", type(exc).__name__)
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, crashed)

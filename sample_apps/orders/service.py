@@ -19,13 +19,10 @@ from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
 from mesh_middleware import (
-    CircuitOpen,
-    DeadlineExceeded,
     Mesh,
     MeshWSGIMiddleware,
-    NoHealthyInstances,
-    RetryBudgetExhausted,
 )
+from sample_apps.mesh_errors import mesh_refusal
 
 __all__ = ["WorkerClient", "create_app", "step_failure"]
 
@@ -169,17 +166,7 @@ def step_failure(step: str, service: str, exc: httpx.HTTPError) -> Answer:
     The mesh's refusals are 503 (nothing healthy, circuit open, retry budget spent) or 504
     (deadline); a transport failure the mesh passed on is 502, a timeout 504.
     """
-    status, error = 502, "upstream_unreachable"
-    if isinstance(exc, NoHealthyInstances):
-        status, error = 503, "no_healthy_instances"
-    elif isinstance(exc, CircuitOpen):
-        status, error = 503, "circuit_open"
-    elif isinstance(exc, RetryBudgetExhausted):
-        status, error = 503, "retry_budget_exhausted"
-    elif isinstance(exc, DeadlineExceeded):
-        status, error = 504, "deadline_exceeded"
-    elif isinstance(exc, httpx.TimeoutException):
-        status, error = 504, "upstream_timeout"
+    status, error = mesh_refusal(exc)
     reason = str(exc) or type(exc).__name__
     return {"error": error, "step": step, "service": service, "reason": reason}, status
 

@@ -12,13 +12,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
 from mesh_middleware import Mesh, MeshMiddleware
+from sample_apps.fastapi_errors import install_json_errors
 
 __all__ = ["Charge", "create_app"]
 
@@ -43,7 +41,7 @@ def create_app(mesh: Mesh) -> FastAPI:
 
     app = FastAPI(title="payments", lifespan=lifespan)
     app.add_middleware(MeshMiddleware, mesh=mesh)
-    _json_errors(app)
+    install_json_errors(app)
     charge_numbers = itertools.count(1)
     # A retried charge (same Idempotency-Key) that reaches this instance again is answered
     # with the first charge, not charged twice.
@@ -89,27 +87,3 @@ def create_app(mesh: Mesh) -> FastAPI:
 def _instance(mesh: Mesh) -> str:
     """The catalog's instance id once registered, else the pid (standalone or still joining)."""
     return mesh.instance_id or str(os.getpid())
-
-
-def _error(status: int, error: str, reason: str) -> JSONResponse:
-    return JSONResponse({"error": error, "reason": reason}, status_code=status)
-
-
-def _json_errors(app: FastAPI) -> None:
-    """FastAPI's own errors (404, 405, 422, a crash) in the shop's ``{"error": ...}`` shape."""
-
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, "http_error", str(exc.detail))
-
-    async def invalid(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        reason = "; ".join(str(e.get("msg", e)) for e in exc.errors())
-        return _error(422, "invalid_request", reason)
-
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, "internal_error", type(exc).__name__)
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, crashed)
