@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -83,13 +84,31 @@ def test_demo_runs_the_shop_and_every_bar_holds() -> None:
     assert output.rstrip().endswith("mesh demo: ok, all 7 checks hold")
 
 
+def _marked(marker: str) -> list[int]:
+    """The processes whose environment carries ``marker``: whatever the demo started, whether
+    or not it printed their pids."""
+    needle = marker.encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 class _Running:
-    """The demo in the background, its output collected line by line."""
+    """The demo in the background, its output collected line by line; every process it starts
+    inherits a marker in its environment, so a leak shows even if its pid was never printed."""
 
     def __init__(self) -> None:
+        self.marker = f"DEMO_TEST_MARKER={uuid.uuid4().hex}"
+        name, _, value = self.marker.partition("=")
         self.process = subprocess.Popen(
             DEMO,
             cwd=REPO,
+            env={**os.environ, name: value},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -141,6 +160,8 @@ def test_a_signal_mid_traffic_stops_everything_and_still_sums_up(signum: int) ->
     demo = _Running()
     try:
         demo.wait_for("t=", within=120)  # the first live table: traffic is flowing
+        # The marker reaches what the demo started (else the check after the stop shows nothing).
+        assert len(_marked(demo.marker)) >= 11  # the demo, the registry and 9 app processes
         demo.process.send_signal(signum)
         code, output, errors = demo.finish(within=60)
     finally:
@@ -152,6 +173,7 @@ def test_a_signal_mid_traffic_stops_everything_and_still_sums_up(signum: int) ->
     pids = _pids(output)
     assert len(pids) >= 10
     assert [pid for pid in pids if _alive(pid)] == []
+    assert _marked(demo.marker) == []
     assert not _workdir(output).exists()
 
 
@@ -172,6 +194,7 @@ def test_ctrl_c_while_the_shop_starts_stops_what_was_started() -> None:
     assert stopped, output
     pids = {int(p) for p in stopped.group(1).split() if p != "none"}
     assert [pid for pid in pids if _alive(pid)] == []
+    assert _marked(demo.marker) == []  # nothing it started was lost, printed or not
     assert not _workdir(output).exists()
     # The shop was either still starting (130) or already up and sending (a summary).
     assert code == 130 or "summary:" in output, output
