@@ -68,7 +68,9 @@ class ShadowSender:
         self.sent = 0
         """Shadows that got an answer (any status)."""
         self.failed = 0
-        """Shadows that failed, or were never sent because the client closed first."""
+        """Shadows that were sent and failed."""
+        self.unsent = 0
+        """Shadows still queued (the shared pool was busy) when the client closed: never sent."""
         self._pending: set[Future[None]] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -84,13 +86,17 @@ class ShadowSender:
         return True
 
     def _run(self, send: Callable[[], None]) -> None:
+        if self._closed:  # it waited in the queue until its client closed: never sent
+            with self._lock:
+                self.unsent += 1
+            mirror_slots.give(failed=True)
+            return
         ok = False
-        if not self._closed:  # else it waited in the queue until its client closed: never sent
-            try:
-                send()
-                ok = True
-            except Exception:  # a shadow never affects the caller; it is only counted
-                pass
+        try:
+            send()
+            ok = True
+        except Exception:  # a shadow never affects the caller; it is only counted
+            pass
         with self._lock:
             if ok:
                 self.sent += 1
