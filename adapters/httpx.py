@@ -356,6 +356,31 @@ class _Plane:
         self.telemetry.retried(call, str(status))
         return False
 
+    def settle(
+        self,
+        call: Call,
+        request: httpx.Request,
+        url: httpx.URL,
+        endpoint: Endpoint,
+        response: httpx.Response,
+    ) -> bool:
+        """The answer is the call's: put the service URL back on the request (redirects resolve
+        against the service, not the instance). ``True`` when its body is still to be read, so
+        the caller wraps the stream that records the call at close; an answer already read (a
+        MockTransport's) is recorded now."""
+        request.url = url
+        if not response.is_closed:
+            return True
+        self.finish(
+            call,
+            request,
+            response.status_code,
+            [],
+            endpoint,
+            response_bytes=len(response.content),
+        )
+        return False
+
     def finish(
         self,
         call: Call,
@@ -484,17 +509,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     call.broke(endpoint, time.monotonic())
                     raise
                 if plane.answered(call, endpoint, response):
-                    request.url = url  # redirects resolve against the service, not the instance
-                    if response.is_closed:  # read already (a MockTransport's answer)
-                        plane.finish(
-                            call,
-                            request,
-                            response.status_code,
-                            [],
-                            endpoint,
-                            response_bytes=len(response.content),
-                        )
-                    else:
+                    if plane.settle(call, request, url, endpoint, response):
                         response.stream = _AsyncDeadlineStream(
                             response.stream, plane, call, request, response, endpoint
                         )
@@ -588,17 +603,7 @@ class MeshTransport(httpx.BaseTransport):
                     call.broke(endpoint, time.monotonic())
                     raise
                 if plane.answered(call, endpoint, response):
-                    request.url = url  # redirects resolve against the service, not the instance
-                    if response.is_closed:  # read already (a MockTransport's answer)
-                        plane.finish(
-                            call,
-                            request,
-                            response.status_code,
-                            [],
-                            endpoint,
-                            response_bytes=len(response.content),
-                        )
-                    else:
+                    if plane.settle(call, request, url, endpoint, response):
                         response.stream = _DeadlineStream(
                             response.stream, plane, call, request, response, endpoint
                         )
