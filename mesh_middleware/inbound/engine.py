@@ -78,64 +78,58 @@ class InboundEngine:
         closed) and the failure logged, rather than let through or answered with a traceback.
         """
         try:
-            return self._admit(method, raw_path, token, headers, duplicate_token)
+            policy, audience = self._policy()
+            try:
+                path = normalize_path(raw_path)
+            except PathError as exc:
+                return Admission(400, error_body("bad_request", exc.reason))
+            changed = path if path != raw_path else None
+            # Methods are matched upper-case, as `mesh policy explain` and werkzeug's router do.
+            if not method.isupper():
+                method = method.upper()
+            if policy.public is not None and policy.public.matches(path):
+                return self._faults(policy, Admission(path=changed), None, method, path, headers)
+            if duplicate_token:
+                return Admission(401, _DUPLICATE_IDENTITY, path=changed)
+            caller: CallerIdentity | None = None
+            if token is not None:
+                try:
+                    caller = self._verifier.verify(token, audience)
+                except UnknownSigningKey as exc:
+                    return Admission(
+                        401,
+                        error_body("unauthenticated", exc.reason),
+                        path=changed,
+                        unknown_kid=exc.kid,
+                    )
+                except IdentityError as exc:
+                    return Admission(401, error_body("unauthenticated", exc.reason), path=changed)
+            elif policy.strict:
+                return Admission(401, _MISSING_IDENTITY, path=changed)
+            name = caller.service if caller is not None else None
+            decision = policy.authorizer.decide(name, method, path, headers)
+            metrics.note_decision(decision.labels)
+            if not decision.allowed:
+                _record_denial(policy.service, decision, name, method, path)
+                return Admission(
+                    decision.status,
+                    error_body("forbidden", decision.reason, rule=decision.rule),
+                    caller,
+                    decision,
+                    0.0,
+                    changed,
+                )
+            if decision.audit:
+                _record_denial(policy.service, decision, name, method, path)
+            admission = Admission(None, b"", caller, decision, 0.0, changed)
+            if not policy.faults:
+                return admission
+            return self._faults(policy, admission, name, method, path, headers)
         except RequestError as exc:
             return Admission(400, error_body("bad_request", exc.reason))
         except Exception:
             log.exception("inbound_engine_failed", method=method, path=raw_path)
             return Admission(503, _ENGINE_FAILED)
-
-    def _admit(
-        self,
-        method: str,
-        raw_path: str,
-        token: str | None,
-        headers: Mapping[str, str],
-        duplicate_token: bool,
-    ) -> Admission:
-        policy, audience = self._policy()
-        try:
-            path = normalize_path(raw_path)
-        except PathError as exc:
-            return Admission(400, error_body("bad_request", exc.reason))
-        # Methods are matched upper-case, as `mesh policy explain` and werkzeug's router do.
-        if not method.isupper():
-            method = method.upper()
-        admission = Admission(path=path if path != raw_path else None)
-        if policy.public is not None and policy.public.matches(path):
-            return self._faults(policy, admission, None, method, path, headers)
-        caller: CallerIdentity | None = None
-        if duplicate_token:
-            admission.status, admission.body = 401, _DUPLICATE_IDENTITY
-            return admission
-        if token is not None:
-            try:
-                caller = self._verifier.verify(token, audience)
-            except UnknownSigningKey as exc:
-                admission.unknown_kid = exc.kid
-                admission.status = 401
-                admission.body = error_body("unauthenticated", exc.reason)
-                return admission
-            except IdentityError as exc:
-                admission.status = 401
-                admission.body = error_body("unauthenticated", exc.reason)
-                return admission
-        elif policy.strict:
-            admission.status, admission.body = 401, _MISSING_IDENTITY
-            return admission
-        admission.caller = caller
-        name = caller.service if caller is not None else None
-        decision = policy.authorizer.decide(name, method, path, headers)
-        admission.decision = decision
-        metrics.note_decision(decision.labels)
-        if not decision.allowed:
-            _record_denial(policy.service, decision, name, method, path)
-            admission.status = decision.status
-            admission.body = error_body("forbidden", decision.reason, rule=decision.rule)
-            return admission
-        if decision.audit:
-            _record_denial(policy.service, decision, name, method, path)
-        return self._faults(policy, admission, name, method, path, headers)
 
     def _faults(
         self,

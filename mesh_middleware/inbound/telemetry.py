@@ -21,7 +21,7 @@ from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.access_log import AccessLog
 from mesh_middleware.telemetry.reports import EdgeReporter
 from mesh_middleware.telemetry.spans import Span, exporting, start_span
-from mesh_middleware.telemetry.tracecontext import SpanContext, child_of, incoming
+from mesh_middleware.telemetry.tracecontext import SpanContext, child_of, incoming, server_span
 
 __all__ = ["InboundTelemetry", "RequestRecord"]
 
@@ -84,8 +84,12 @@ class RequestRecord:
         with _resolving:  # threads sharing the request's context must all see one span id
             context = self._context
             if context is None:
-                parent, sampled = self._parent()
-                context = self._context = child_of(parent, sampled=sampled)
+                traceparent = self._traceparent
+                if traceparent is not None:
+                    context = server_span(traceparent, self._tracestate)
+                if context is None:
+                    context = child_of(None, sampled=self._sample_new_trace())
+                self._context = context
         return context
 
     def _parent(self) -> tuple[SpanContext | None, bool]:
@@ -93,8 +97,11 @@ class RequestRecord:
         parent = incoming(traceparent, self._tracestate) if traceparent is not None else None
         if parent is not None:
             return parent, True
+        return None, self._sample_new_trace()
+
+    def _sample_new_trace(self) -> bool:
         rate = self._telemetry.settings().sample
-        return None, rate >= 1.0 or (rate > 0.0 and int.from_bytes(os.urandom(2)) < rate * 65536)
+        return rate >= 1.0 or (rate > 0.0 and int.from_bytes(os.urandom(2)) < rate * 65536)
 
     def start_span(self, method: str) -> None:
         """Record a server span for this request (there is an exporter to send it to)."""
@@ -206,21 +213,26 @@ class InboundTelemetry:
         log = settings.access_log
         if log is not None:
             context = record.context
-            log.log(
-                direction="inbound",
-                method=method,
-                path=path,
-                route=route,
-                status=status,
-                flags=flags,
-                duration_ms=seconds * 1000,
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-                caller=source,
-                destination=policy.service,
-                trace_id=context.trace_id,
-                span_id=context.span_id,
-                request_id=record.request_id,
+            trace_id = context.trace_id
+            request_id = record._request_id
+            log.entry(
+                "inbound",
+                method,
+                path,
+                route,
+                status,
+                flags,
+                seconds * 1000,
+                request_bytes,
+                response_bytes,
+                source,
+                policy.service,
+                None,
+                trace_id,
+                context.span_id,
+                (request_id.decode("latin-1") if isinstance(request_id, bytes) else request_id)
+                if request_id
+                else trace_id,
             )
 
 

@@ -113,6 +113,16 @@ _ENCODERS: dict[type, Any] = {
 }
 _encoder = _ENCODERS.get
 _KEYS: dict[str, str] = {}
+_KNOWN_JSON: dict[str, str] = {}
+_MAX_KNOWN_JSON = 4096
+
+
+def _json(value: str) -> str:
+    """``value`` as a JSON string, remembered (up to a bound) for the next line that has it."""
+    quoted: str = _quote(value)
+    if len(_KNOWN_JSON) < _MAX_KNOWN_JSON:
+        _KNOWN_JSON[value] = quoted
+    return quoted
 
 
 def render_json_line(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
@@ -291,11 +301,11 @@ class AccessLog:
             context = current_log_context()
             if context is not None:
                 trace_id, span_id = context
-        if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
-            return False
-        if "?" in path:
-            path = path.partition("?")[0]
         if self._logger is not None:
+            if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
+                return False
+            if "?" in path:
+                path = path.partition("?")[0]
             self._logger.info(
                 "access",
                 direction=direction,
@@ -316,20 +326,132 @@ class AccessLog:
                 **extra,
             )
             return True
+        return self._write(
+            direction,
+            method,
+            path,
+            route,
+            int(status),
+            flags,
+            duration_ms,
+            int(request_bytes),
+            int(response_bytes),
+            caller,
+            destination,
+            upstream,
+            trace_id,
+            "null" if trace_id is None else _quote(trace_id),
+            "null" if span_id is None else _quote(span_id),
+            "null" if request_id is None else _quote(request_id),
+            extra,
+        )
+
+    def entry(
+        self,
+        direction: str,
+        method: str,
+        path: str,
+        route: str | None,
+        status: int,
+        flags: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+        caller: str | None,
+        destination: str | None,
+        upstream: str | None,
+        trace_id: str | None,
+        span_id: str | None,
+        request_id: str | None,
+    ) -> bool:
+        """:meth:`log` for the mesh's own telemetry, which calls it for every request.
+
+        Positional, and ``trace_id`` and ``span_id`` must be ``None`` or hex ids (a
+        :class:`~mesh_middleware.telemetry.tracecontext.SpanContext`'s), written without
+        escaping; ``request_id`` may be anything."""
+        if self._logger is not None:
+            return self.log(
+                direction=direction,
+                method=method,
+                path=path,
+                route=route,
+                status=status,
+                flags=flags,
+                duration_ms=duration_ms,
+                request_bytes=request_bytes,
+                response_bytes=response_bytes,
+                caller=caller,
+                destination=destination,
+                upstream=upstream,
+                trace_id=trace_id,
+                span_id=span_id,
+                request_id=request_id,
+            )
+        return self._write(
+            direction,
+            method,
+            path,
+            route,
+            status,
+            flags,
+            duration_ms,
+            request_bytes,
+            response_bytes,
+            caller,
+            destination,
+            upstream,
+            trace_id,
+            "null" if trace_id is None else f'"{trace_id}"',
+            "null" if span_id is None else f'"{span_id}"',
+            "null"
+            if request_id is None
+            else f'"{request_id}"'
+            if request_id is trace_id
+            else _quote(request_id),
+            None,
+        )
+
+    def _write(
+        self,
+        direction: str,
+        method: str,
+        path: str,
+        route: str | None,
+        status: int,
+        flags: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+        caller: str | None,
+        destination: str | None,
+        upstream: str | None,
+        trace_id: str | None,
+        trace_json: str,
+        span_json: str,
+        request_id_json: str,
+        extra: dict[str, Any] | None,
+    ) -> bool:
+        sample = self.sample
+        if status < 500 and flags == NO_FLAGS and sample < 1.0 and not sampled(sample, trace_id):
+            return False
+        if "?" in path:
+            path = path.partition("?")[0]
         q = _quote
+        # Names, methods, routes and flags repeat, so their JSON is looked up, not re-encoded.
+        known = _KNOWN_JSON.get
         self._sink.write(
             f'{{"ts":"{self._clock.now()}","level":"info","logger":"mesh.access","event":"access",'
-            f'"direction":{q(direction)},"method":{q(method)},"path":{q(path)},'
-            f'"route":{"null" if route is None else q(route)},"status":{status:d},'
-            f'"flags":{q(flags)},"duration_ms":'
+            f'"direction":{known(direction) or _json(direction)},'
+            f'"method":{known(method) or _json(method)},"path":{q(path)},'
+            f'"route":{"null" if route is None else known(route) or _json(route)},'
+            f'"status":{status},"flags":{known(flags) or _json(flags)},"duration_ms":'
             f"{f'{duration_ms:.3f}' if -_HUGE < duration_ms < _HUGE else 'null'},"
-            f'"request_bytes":{request_bytes:d},"response_bytes":{response_bytes:d},'
-            f'"caller":{"null" if caller is None else q(caller)},'
-            f'"destination":{"null" if destination is None else q(destination)},'
-            f'"upstream":{"null" if upstream is None else q(upstream)},'
-            f'"trace_id":{"null" if trace_id is None else q(trace_id)},'
-            f'"span_id":{"null" if span_id is None else q(span_id)},'
-            f'"request_id":{"null" if request_id is None else q(request_id)}'
+            f'"request_bytes":{request_bytes},"response_bytes":{response_bytes},'
+            f'"caller":{"null" if caller is None else known(caller) or _json(caller)},'
+            f'"destination":'
+            f"{'null' if destination is None else known(destination) or _json(destination)},"
+            f'"upstream":{"null" if upstream is None else known(upstream) or _json(upstream)},'
+            f'"trace_id":{trace_json},"span_id":{span_json},"request_id":{request_id_json}'
             f"{',' + render_json_line(None, 'info', extra)[1:-1] if extra else ''}}}"
         )
         return True

@@ -275,6 +275,7 @@ class _Flusher:
 
 _RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
 _FLUSH_SECONDS = 1.0
+_MAX_NOTED_REQUESTS = 256  # requests noted before they are tallied without waiting
 
 
 def flush_pending() -> None:
@@ -293,7 +294,7 @@ def _after_fork_in_child() -> None:
     # A forked worker starts with nothing pending and no timer (threads do not survive fork).
     for recorder in list(_RECORDERS):
         recorder._lock = threading.Lock()
-        recorder._pending = {}
+        recorder._noted = deque()
         recorder._armed = False
     _DECISIONS.forget()
 
@@ -443,9 +444,9 @@ class RequestMetrics:
         "_families",
         "_lock",
         "_max",
+        "_noted",
         "_overflow",
         "_overflow_count",
-        "_pending",
         "reporter",
     )
 
@@ -464,7 +465,9 @@ class RequestMetrics:
         self._children: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
         self._overflow: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
         self._overflow_count = self._families.overflow.labels(reporter).inc
-        self._pending: dict[tuple[str, str, str, str, str, int, str], list[Any]] = {}
+        self._noted: deque[
+            tuple[str, str, str, str, str, int, str, float, int | float, int | float]
+        ] = deque()
         self._lock = threading.Lock()
         self._armed = False
         _RECORDERS.add(self)
@@ -487,31 +490,30 @@ class RequestMetrics:
         ``status`` 0 means no response (connection failure, or the caller went away first);
         ``flags`` is a :func:`join_flags` value (``-`` for none); negative or NaN amounts
         count as 0."""
-        key = (
-            source,
-            destination,
-            version,
-            route,
-            _METHOD_LABEL.get(method, "OTHER"),
-            status,
-            flags,
+        # One atomic append per request; requests are tallied in batches (flush), which costs
+        # a fraction of tallying each under a lock as it comes.
+        noted = self._noted
+        noted.append(
+            (
+                source,
+                destination,
+                version,
+                route,
+                method,
+                status,
+                flags,
+                seconds,
+                request_bytes,
+                response_bytes,
+            )
         )
-        seconds = seconds if seconds >= 0 else 0.0
-        request_bytes = request_bytes if request_bytes >= 0 else 0
-        response_bytes = response_bytes if response_bytes >= 0 else 0
-        # Tallied in plain numbers under one lock, and folded into the Prometheus values (which
-        # take a lock per increment) at most once a second or when collected.
+        if len(noted) >= _MAX_NOTED_REQUESTS:
+            self.flush()
+        elif not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
         with self._lock:
-            tally = self._pending.get(key)
-            if tally is None:
-                tally = self._pending[key] = _new_tally()
-            tally[0] += 1
-            tally[1] += seconds
-            tally[2] += request_bytes
-            tally[3] += response_bytes
-            tally[4][_bisect(_LATENCY_BOUNDS, seconds)] += 1
-            tally[5][_bisect(_BYTE_BOUNDS, request_bytes)] += 1
-            tally[6][_bisect(_BYTE_BOUNDS, response_bytes)] += 1
             if self._armed:
                 return
             self._armed = True
@@ -527,26 +529,66 @@ class RequestMetrics:
         self.flush()
 
     def flush(self) -> None:
-        """Fold the tallies of requests recorded since the last flush into the metrics."""
+        """Fold the requests recorded since the last flush into the metrics."""
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for key, (
-            count,
+            noted = self._noted
+            pop = noted.popleft
+            taken = [pop() for _ in range(len(noted))]  # requests noted meanwhile wait
+        if not taken:
+            return
+        tallies: dict[tuple[str, str, str, str, str, int, str], list[Any]] = {}
+        method_label = _METHOD_LABEL.get
+        for (
+            source,
+            destination,
+            version,
+            route,
+            method,
+            status,
+            flags,
             seconds,
             sent,
             received,
+        ) in taken:
+            key = (
+                source,
+                destination,
+                version,
+                route,
+                method_label(method, "OTHER"),
+                status,
+                flags,
+            )
+            tally = tallies.get(key)
+            if tally is None:
+                tally = tallies[key] = _new_tally()
+            seconds = seconds if seconds >= 0 else 0.0  # and NaN
+            sent = sent if sent >= 0 else 0
+            received = received if received >= 0 else 0
+            tally[0] += 1
+            tally[1] += seconds
+            tally[2] += sent
+            tally[3] += received
+            tally[4][_bisect(_LATENCY_BOUNDS, seconds)] += 1
+            tally[5][_bisect(_BYTE_BOUNDS, sent)] += 1
+            tally[6][_bisect(_BYTE_BOUNDS, received)] += 1
+        for key, (
+            count,
+            total_seconds,
+            total_sent,
+            total_received,
             durations,
             sizes_in,
             sizes_out,
-        ) in pending.items():
+        ) in tallies.items():
             children = self._children.get(key)
             if children is None:
                 children = self._miss(key)
             counter, duration, request_size, response_size = children
             counter(count)
-            duration(seconds, durations)
-            request_size(sent, sizes_in)
-            response_size(received, sizes_out)
+            duration(total_seconds, durations)
+            request_size(total_sent, sizes_in)
+            response_size(total_received, sizes_out)
 
     def _miss(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
         if len(self._children) < self._max:

@@ -15,6 +15,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mesh_middleware.telemetry import access_log
 from mesh_middleware.telemetry.access_log import (
     FIELDS,
     MAX_BUFFERED_LINES,
@@ -259,3 +260,91 @@ def test_buffered_lines_from_many_threads_are_all_written_whole() -> None:
     assert sorted(line["path"] for line in lines(out)) == sorted(
         f"/{t}/{n}" for t in range(4) for n in range(300)
     )
+
+
+_names = st.text(max_size=12)
+
+
+@given(
+    st.sampled_from(["inbound", "outbound"]),
+    _names,
+    st.text(max_size=30),
+    st.none() | _names,
+    st.integers(0, 599),
+    st.sampled_from(["-", "DENIED", "FAULT_ABORT,RETRIED"]),
+    st.floats(0, 1e6),
+    st.integers(0, 10**9),
+    st.none() | _names,
+    st.none() | _names,
+    st.none() | _names,
+    st.none() | st.text(max_size=20),
+)
+def test_the_mesh_entry_writes_what_log_writes(
+    direction: str,
+    method: str,
+    path: str,
+    route: str | None,
+    status: int,
+    flags: str,
+    duration_ms: float,
+    size: int,
+    caller: str | None,
+    destination: str | None,
+    upstream: str | None,
+    request_id: str | None,
+) -> None:
+    """`entry` (positional, hex ids unescaped, names' JSON remembered) and `log` agree."""
+    by_entry, by_log = io.StringIO(), io.StringIO()
+    span = "00f067aa0ba902b7"
+    common = (direction, method, path, route, status, flags, duration_ms, size, size + 1)
+    names = (caller, destination, upstream)
+    for _ in range(2):  # the second time from the remembered JSON
+        AccessLog(stream=by_entry).entry(*common, *names, TRACE, span, request_id)
+    AccessLog(stream=by_log).log(
+        **dict(zip(FIELDS[4:13], common, strict=True)),
+        caller=caller,
+        destination=destination,
+        upstream=upstream,
+        trace_id=TRACE,
+        span_id=span,
+        request_id=request_id,
+    )
+    first, second = lines(by_entry)
+    (expected,) = lines(by_log)
+    assert first | {"ts": None} == second | {"ts": None} == expected | {"ts": None}
+    assert by_entry.getvalue().isascii()
+
+
+def test_the_entry_writes_a_request_id_that_is_not_the_trace_id_escaped() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out)
+    log.entry(*request().values(), None, TRACE, "00f067aa0ba902b7", 'r-"1"\n')
+    log.entry(*request().values(), None, None, None, None)
+    with_id, without = lines(out)
+    assert with_id["request_id"] == 'r-"1"\n' and with_id["trace_id"] == TRACE
+    assert without["trace_id"] is None and without["span_id"] is None
+    assert without["request_id"] is None
+
+
+def test_names_json_is_remembered_only_up_to_a_bound() -> None:
+    out = io.StringIO()
+    log = AccessLog(stream=out)
+    for number in range(access_log._MAX_KNOWN_JSON + 50):
+        log.entry(*request(caller=f"caller-{number}").values(), None, None, None, None)
+    assert len(access_log._KNOWN_JSON) <= access_log._MAX_KNOWN_JSON
+    assert lines(out)[-1]["caller"] == f"caller-{access_log._MAX_KNOWN_JSON + 49}"
+
+
+def test_the_entry_goes_through_a_logger_of_your_own() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class Collect:
+        def info(self, event: str, **fields: Any) -> None:
+            seen.append({"event": event, **fields})
+
+    AccessLog(logger=Collect()).entry(
+        *request().values(), "10.0.0.5:8001", TRACE, "00f067aa0ba902b7", None
+    )
+    (fields,) = seen
+    assert fields["upstream"] == "10.0.0.5:8001" and fields["trace_id"] == TRACE
+    assert fields["span_id"] == "00f067aa0ba902b7" and fields["request_id"] is None

@@ -427,3 +427,17 @@ def test_the_telemetry_section_is_strict(yaml_text: str, expected: str) -> None:
     with pytest.raises(PolicyError) as caught:
         parse_policy("service: shop\ntelemetry:\n" + yaml_text, "p.yaml")
     assert expected in str(caught.value)
+
+
+def test_noted_requests_are_bounded_and_tallied_at_once_when_the_batch_is_full() -> None:
+    registry = CollectorRegistry()
+    rm = RequestMetrics("destination", registry)
+    for _ in range(metrics._MAX_NOTED_REQUESTS - 1):
+        _record(rm)
+    assert len(rm._noted) == metrics._MAX_NOTED_REQUESTS - 1
+    _record(rm)
+    assert not rm._noted  # tallied by the request that filled the batch, not later
+    _record(rm, seconds=math.nan, request_bytes=-5)
+    assert registry.get_sample_value("mesh_requests_total", LABELS) == (
+        metrics._MAX_NOTED_REQUESTS + 1
+    )

@@ -22,6 +22,7 @@ from mesh_middleware.telemetry.tracecontext import (
     new_trace_id,
     parse_traceparent,
     parse_tracestate,
+    server_span,
 )
 
 TRACE = "12345678901234567890123456789012"
@@ -432,3 +433,59 @@ def test_parse_tracestate_never_raises_and_returns_only_spec_valid_headers(
         assert key not in seen
         seen.add(key)
     assert parse_tracestate([result]) == result
+
+
+# -- server_span: the one-step child the inbound side makes for every logged request ----------
+
+headers = st.one_of(
+    st.builds(
+        lambda version, trace, span, flags, before, after, tail: (
+            f"{before}{version}-{trace}-{span}-{flags:02x}{tail}{after}"
+        ),
+        st.sampled_from(["00", "01", "cc", "ff", "0A"]),
+        trace_ids | st.just("0" * 32),
+        span_ids | st.just("0" * 16),
+        flag_bytes,
+        ows,
+        ows,
+        st.sampled_from(["", "-", "-what-the-future-holds", "x"]),
+    ),
+    st.text(max_size=70),
+    st.binary(max_size=70),
+)
+tracestates = st.lists(
+    st.one_of(st.text(max_size=40), st.sampled_from(["foo=1", "bar=2,baz=3", "x=1,x=2", " "])),
+    max_size=3,
+)
+
+
+@given(headers, tracestates, st.booleans())
+def test_server_span_is_the_child_of_the_incoming_parent(
+    traceparent: str | bytes, tracestate: list[str], as_bytes: bool
+) -> None:
+    sent = traceparent.encode("utf-8") if as_bytes and isinstance(traceparent, str) else traceparent
+    made = server_span(sent, tracestate)
+    parent = incoming(sent, tracestate)
+    if parent is None:
+        assert made is None
+        return
+    expected = child_of(parent)
+    assert made is not None
+    assert (made.trace_id, made.flags, made.tracestate) == (
+        expected.trace_id,
+        expected.flags,
+        expected.tracestate,
+    )
+    assert re.fullmatch("[0-9a-f]{16}", made.span_id) and made.span_id != "0" * 16
+    assert made.span_id != parent.span_id
+
+
+def test_server_span_keeps_the_trace_and_tracestate_with_a_new_span_id() -> None:
+    made = server_span(VALID.encode(), [b"foo=1", "bar=2"])
+    assert made is not None
+    assert made == SpanContext(TRACE, made.span_id, 0x01, "foo=1,bar=2")
+    assert made.span_id != PARENT
+    assert server_span(VALID).span_id != server_span(VALID).span_id  # type: ignore[union-attr]
+    assert server_span(None) is None
+    assert server_span(b"") is None
+    assert server_span(f"00-{TRACE}-{'0' * 16}-01") is None
