@@ -117,6 +117,14 @@ _KNOWN_JSON: dict[str, str] = {}
 _MAX_KNOWN_JSON = 4096
 
 
+_Q = '"'
+
+
+def _inside_quotes(value: str) -> str:
+    """``value`` as it appears between the quotes of a JSON string."""
+    return value if value.isalnum() and value.isascii() else _quote(value)[1:-1]
+
+
 def _json(value: str) -> str:
     """``value`` as a JSON string, remembered (up to a bound) for the next line that has it."""
     quoted: str = _quote(value)
@@ -143,21 +151,28 @@ def render_json_line(_logger: Any, _method: str, event_dict: dict[str, Any]) -> 
 
 
 class _Clock:
-    """ISO 8601 UTC timestamps with milliseconds, formatting the seconds once per second."""
+    """ISO 8601 UTC timestamps with milliseconds: formatted once per millisecond, the seconds
+    once per second (busy servers log several lines a millisecond)."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_millis", "_prefix", "_second", "_stamp")
 
     def __init__(self) -> None:
+        self._millis = -1
+        self._stamp = ""
         self._second = -1
         self._prefix = ""
 
     def now(self) -> str:
         millis = time.time_ns() // 1_000_000
+        if millis == self._millis:
+            return self._stamp
         second = millis // 1000
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self._second = second
-        return self._prefix + _MILLIS[millis - second * 1000]
+        stamp = self._stamp = self._prefix + _MILLIS[millis - second * 1000]
+        self._millis = millis
+        return stamp
 
 
 _MILLIS = tuple(f"{n:03d}Z" for n in range(1000))
@@ -326,7 +341,7 @@ class AccessLog:
                 **extra,
             )
             return True
-        return self._write(
+        return self.entry(
             direction,
             method,
             path,
@@ -339,10 +354,9 @@ class AccessLog:
             caller,
             destination,
             upstream,
-            trace_id,
-            "null" if trace_id is None else _quote(trace_id),
-            "null" if span_id is None else _quote(span_id),
-            "null" if request_id is None else _quote(request_id),
+            None if trace_id is None else _inside_quotes(trace_id),
+            None if span_id is None else _inside_quotes(span_id),
+            request_id,
             extra,
         )
 
@@ -363,6 +377,7 @@ class AccessLog:
         trace_id: str | None,
         span_id: str | None,
         request_id: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> bool:
         """:meth:`log` for the mesh's own telemetry, which calls it for every request.
 
@@ -386,63 +401,25 @@ class AccessLog:
                 trace_id=trace_id,
                 span_id=span_id,
                 request_id=request_id,
+                **(extra or {}),
             )
-        return self._write(
-            direction,
-            method,
-            path,
-            route,
-            status,
-            flags,
-            duration_ms,
-            request_bytes,
-            response_bytes,
-            caller,
-            destination,
-            upstream,
-            trace_id,
-            "null" if trace_id is None else f'"{trace_id}"',
-            "null" if span_id is None else f'"{span_id}"',
-            "null"
-            if request_id is None
-            else f'"{request_id}"'
-            if request_id is trace_id
-            else _quote(request_id),
-            None,
-        )
-
-    def _write(
-        self,
-        direction: str,
-        method: str,
-        path: str,
-        route: str | None,
-        status: int,
-        flags: str,
-        duration_ms: float,
-        request_bytes: int,
-        response_bytes: int,
-        caller: str | None,
-        destination: str | None,
-        upstream: str | None,
-        trace_id: str | None,
-        trace_json: str,
-        span_json: str,
-        request_id_json: str,
-        extra: dict[str, Any] | None,
-    ) -> bool:
         sample = self.sample
         if status < 500 and flags == NO_FLAGS and sample < 1.0 and not sampled(sample, trace_id):
             return False
         if "?" in path:
             path = path.partition("?")[0]
-        q = _quote
+        if request_id is None:
+            request_json = "null"
+        elif request_id is trace_id:  # hex, or already escaped
+            request_json = f'"{request_id}"'
+        else:
+            request_json = _quote(request_id)
         # Names, methods, routes and flags repeat, so their JSON is looked up, not re-encoded.
         known = _KNOWN_JSON.get
-        self._sink.write(
+        line = (
             f'{{"ts":"{self._clock.now()}","level":"info","logger":"mesh.access","event":"access",'
             f'"direction":{known(direction) or _json(direction)},'
-            f'"method":{known(method) or _json(method)},"path":{q(path)},'
+            f'"method":{known(method) or _json(method)},"path":{_quote(path)},'
             f'"route":{"null" if route is None else known(route) or _json(route)},'
             f'"status":{status},"flags":{known(flags) or _json(flags)},"duration_ms":'
             f"{f'{duration_ms:.3f}' if -_HUGE < duration_ms < _HUGE else 'null'},"
@@ -451,7 +428,20 @@ class AccessLog:
             f'"destination":'
             f"{'null' if destination is None else known(destination) or _json(destination)},"
             f'"upstream":{"null" if upstream is None else known(upstream) or _json(upstream)},'
-            f'"trace_id":{trace_json},"span_id":{span_json},"request_id":{request_id_json}'
+            f'"trace_id":{"null" if trace_id is None else f"{_Q}{trace_id}{_Q}"},'
+            f'"span_id":{"null" if span_id is None else f"{_Q}{span_id}{_Q}"},'
+            f'"request_id":{request_json}'
             f"{',' + render_json_line(None, 'info', extra)[1:-1] if extra else ''}}}"
         )
+        # The sink's write, inline: this runs for every request.
+        sink = self._sink
+        if sink._interval <= 0:
+            sink.write(line)
+            return True
+        lines = sink._lines
+        lines.append(line)
+        if len(lines) >= MAX_BUFFERED_LINES:
+            sink.flush()
+        elif not sink._armed:
+            sink._arm()
         return True

@@ -348,3 +348,20 @@ def test_the_entry_goes_through_a_logger_of_your_own() -> None:
     (fields,) = seen
     assert fields["upstream"] == "10.0.0.5:8001" and fields["trace_id"] == TRACE
     assert fields["span_id"] == "00f067aa0ba902b7" and fields["request_id"] is None
+
+
+def test_the_timestamp_follows_the_clock_across_milliseconds_and_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = access_log._Clock()
+    base = 1_767_225_599_998  # 2025-12-31T23:59:59.998Z, in milliseconds
+    stamps = {}
+    for millis in (base, base, base + 1, base + 2, base + 2, base + 1003):
+        monkeypatch.setattr(time, "time_ns", lambda m=millis: m * 1_000_000 + 123_456)
+        stamps[millis] = clock.now()
+    assert stamps == {
+        base: "2025-12-31T23:59:59.998Z",
+        base + 1: "2025-12-31T23:59:59.999Z",
+        base + 2: "2026-01-01T00:00:00.000Z",
+        base + 1003: "2026-01-01T00:00:01.001Z",
+    }
