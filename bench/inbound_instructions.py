@@ -10,8 +10,8 @@ The count is the same from run to run within about 1%.
 
 Variants are those of ``bench/inbound.py``: ``bare``, ``mesh`` (identity, the 20 rules, metrics,
 a span context per request) and ``mesh+log`` (and an access line per request, written to a file).
-No server, socket or HTTP parser runs here: what uvicorn does per request is not counted, and a
-live server pays each instruction about twice (caches are colder between requests).
+No server, socket or HTTP parser runs here: what uvicorn does per request is not counted, and an
+instruction costs more time on a live server, whose caches are colder between requests.
 
     python bench/inbound_instructions.py                 # all three variants
     python bench/inbound_instructions.py --requests 4000 # steadier, slower
