@@ -45,6 +45,10 @@ _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
 _UNKNOWN_KID_WAIT = defaults.UNKNOWN_KID_WAIT_SECONDS
 
 
+_ENCODED_NAMES: dict[str, bytes] = {}
+_MAX_ENCODED_NAMES = 256
+
+
 class _ScopeHeaders(Mapping[str, str]):
     """Request headers by lower-case name, read from the ASGI header list on demand.
 
@@ -58,7 +62,11 @@ class _ScopeHeaders(Mapping[str, str]):
         self._raw = raw
 
     def get(self, name: str, default: Any = None) -> Any:
-        key = name.encode("latin-1")
+        key = _ENCODED_NAMES.get(name)
+        if key is None:
+            key = name.encode("latin-1")
+            if len(_ENCODED_NAMES) < _MAX_ENCODED_NAMES:  # the names rules read: a few
+                _ENCODED_NAMES[name] = key
         found: bytes | None = None
         for header, value in self._raw:
             if header == key:

@@ -839,12 +839,10 @@ class _DecisionTally:
 _MAX_NOTED = 4096
 _DECISIONS = _DecisionTally()
 
-
-def note_decision(labels: tuple[str, str, str, str]) -> None:
-    """Count one authorization decision, batched: ``labels`` are service, rule (empty for a
-    default), action (allow, deny: what the rule says) and mode (enforce; audit when audit mode
-    let a deny through)."""
-    _DECISIONS.note(labels)
+note_decision: Callable[[tuple[str, str, str, str]], None] = _DECISIONS.note
+"""Count one authorization decision, batched: ``labels`` are service, rule (empty for a
+default), action (allow, deny: what the rule says) and mode (enforce; audit when audit mode
+let a deny through). The tally's own method: one frame less on every request."""
 
 
 def count_fault(service: str, fault: str, delayed: bool, abort_status: int | None) -> None:
