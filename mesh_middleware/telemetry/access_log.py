@@ -317,30 +317,24 @@ class AccessLog:
             if context is not None:
                 trace_id, span_id = context
         if self._logger is not None:
-            if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
-                return False
-            if "?" in path:
-                path = path.partition("?")[0]
-            self._logger.info(
-                "access",
-                direction=direction,
-                method=method,
-                path=path,
-                route=route,
-                status=status,
-                flags=flags,
-                duration_ms=round(duration_ms, 3),
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-                caller=caller,
-                destination=destination,
-                upstream=upstream,
-                trace_id=trace_id,
-                span_id=span_id,
-                request_id=request_id,
-                **extra,
+            return self._to_logger(
+                direction,
+                method,
+                path,
+                route,
+                status,
+                flags,
+                duration_ms,
+                request_bytes,
+                response_bytes,
+                caller,
+                destination,
+                upstream,
+                trace_id,
+                span_id,
+                request_id,
+                extra,
             )
-            return True
         return self.entry(
             direction,
             method,
@@ -385,23 +379,23 @@ class AccessLog:
         :class:`~mesh_middleware.telemetry.tracecontext.SpanContext`'s), written without
         escaping; ``request_id`` may be anything."""
         if self._logger is not None:
-            return self.log(
-                direction=direction,
-                method=method,
-                path=path,
-                route=route,
-                status=status,
-                flags=flags,
-                duration_ms=duration_ms,
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-                caller=caller,
-                destination=destination,
-                upstream=upstream,
-                trace_id=trace_id,
-                span_id=span_id,
-                request_id=request_id,
-                **(extra or {}),
+            return self._to_logger(
+                direction,
+                method,
+                path,
+                route,
+                status,
+                flags,
+                duration_ms,
+                request_bytes,
+                response_bytes,
+                caller,
+                destination,
+                upstream,
+                trace_id,
+                span_id,
+                request_id,
+                extra,
             )
         sample = self.sample
         if status < 500 and flags == NO_FLAGS and sample < 1.0 and not sampled(sample, trace_id):
@@ -444,4 +438,53 @@ class AccessLog:
             sink.flush()
         elif not sink._armed:
             sink._arm()
+        return True
+
+    def _to_logger(
+        self,
+        direction: str,
+        method: str,
+        path: str,
+        route: str | None,
+        status: int,
+        flags: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+        caller: str | None,
+        destination: str | None,
+        upstream: str | None,
+        trace_id: str | None,
+        span_id: str | None,
+        request_id: str | None,
+        extra: dict[str, Any] | None,
+    ) -> bool:
+        """The line's fields to the structlog logger given at construction."""
+        assert self._logger is not None
+        if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
+            return False
+        fields = dict(
+            zip(
+                FIELDS[4:],
+                (
+                    direction,
+                    method,
+                    path.partition("?")[0],
+                    route,
+                    status,
+                    flags,
+                    round(duration_ms, 3),
+                    request_bytes,
+                    response_bytes,
+                    caller,
+                    destination,
+                    upstream,
+                    trace_id,
+                    span_id,
+                    request_id,
+                ),
+                strict=True,
+            )
+        )
+        self._logger.info("access", **fields, **(extra or {}))
         return True
