@@ -35,6 +35,7 @@ from collections import deque
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol, TextIO
 
+from mesh_middleware.telemetry.flush_timer import FlushTimer
 from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.metrics import NO_FLAGS
 
@@ -181,7 +182,7 @@ _MILLIS = tuple(f"{n:03d}Z" for n in range(1000))
 class _Sink:
     """Writes lines to a stream: each at once, or buffered (see the module's docstring)."""
 
-    __slots__ = ("__weakref__", "_armed", "_interval", "_lines", "_lock", "_stream")
+    __slots__ = ("__weakref__", "_interval", "_lines", "_lock", "_stream", "_timer")
 
     def __init__(self, stream: TextIO, interval: float) -> None:
         self._stream = stream
@@ -189,7 +190,7 @@ class _Sink:
         # A deque: appending and popping are atomic, so a request never takes a lock to log.
         self._lines: deque[str] = deque()
         self._lock = threading.Lock()
-        self._armed = False
+        self._timer = FlushTimer(interval)
         if interval > 0:
             _SINKS.add(self)
 
@@ -203,23 +204,14 @@ class _Sink:
         lines.append(line)
         if len(lines) >= MAX_BUFFERED_LINES:
             self.flush()
-        elif not self._armed:
+        elif not self._timer.armed:
             self._arm()
 
     def _arm(self) -> None:
-        with self._lock:
-            if self._armed:
-                return
-            self._armed = True
-        timer = threading.Timer(self._interval, self._timed_flush)
-        timer.daemon = True
-        timer.start()
+        self._timer.arm(self.flush, self._pending)
 
-    def _timed_flush(self) -> None:
-        self._armed = False
-        self.flush()
-        if self._lines:  # more came while writing: they too are written within the interval
-            self._arm()
+    def _pending(self) -> bool:
+        return bool(self._lines)
 
     def flush(self) -> None:
         with self._lock:
@@ -237,7 +229,7 @@ class _Sink:
     def forget(self) -> None:
         """In a forked child: the lines are the parent's to write, and no timer runs here."""
         self._lines.clear()
-        self._armed = False
+        self._timer.forget()
         self._lock = threading.Lock()
 
 
@@ -436,7 +428,7 @@ class AccessLog:
         lines.append(line)
         if len(lines) >= MAX_BUFFERED_LINES:
             sink.flush()
-        elif not sink._armed:
+        elif not sink._timer.armed:
             sink._arm()
         return True
 

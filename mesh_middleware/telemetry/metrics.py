@@ -26,6 +26,8 @@ from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from mesh_middleware.telemetry.flush_timer import FlushTimer
+
 __all__ = [
     "ALL_FLAGS",
     "AUTHORIZATION_DECISIONS",
@@ -295,7 +297,7 @@ def _after_fork_in_child() -> None:
     for recorder in list(_RECORDERS):
         recorder._lock = threading.Lock()
         recorder._noted = deque()
-        recorder._armed = False
+        recorder._timer.forget()
     _DECISIONS.forget()
 
 
@@ -439,7 +441,6 @@ class RequestMetrics:
 
     __slots__ = (
         "__weakref__",
-        "_armed",
         "_children",
         "_families",
         "_lock",
@@ -447,6 +448,7 @@ class RequestMetrics:
         "_noted",
         "_overflow",
         "_overflow_count",
+        "_timer",
         "reporter",
     )
 
@@ -469,7 +471,7 @@ class RequestMetrics:
             tuple[str, str, str, str, str, int, str, float, int | float, int | float]
         ] = deque()
         self._lock = threading.Lock()
-        self._armed = False
+        self._timer = FlushTimer(_FLUSH_SECONDS)
         _RECORDERS.add(self)
 
     def record(
@@ -509,24 +511,10 @@ class RequestMetrics:
         )
         if len(noted) >= _MAX_NOTED_REQUESTS:
             self.flush()
-        elif not self._armed:
-            self._arm()
-
-    def _arm(self) -> None:
-        with self._lock:
-            if self._armed:
-                return
-            self._armed = True
-        # Folded in a second from now even if no other request comes and nobody scrapes this
-        # process (another worker may serve the scrape, reading this one's files).
-        timer = threading.Timer(_FLUSH_SECONDS, self._timed_flush)
-        timer.daemon = True
-        timer.start()
-
-    def _timed_flush(self) -> None:
-        with self._lock:
-            self._armed = False
-        self.flush()
+        elif not self._timer.armed:
+            # Folded in a second from now even if no other request comes and nobody scrapes
+            # this process (another worker may serve the scrape, reading this one's files).
+            self._timer.arm(self.flush)
 
     def flush(self) -> None:
         """Fold the requests recorded since the last flush into the metrics."""
