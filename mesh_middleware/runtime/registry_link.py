@@ -123,8 +123,7 @@ class RegistryLink:
 
     def _work(self, now: float) -> None:
         if not self._trusted:
-            bundle = self._call("trust", self.client.trust)
-            self._apply_trust(bundle)
+            self._call("trust", self._learn_trust)
             self._trusted = True
             self._jwks_due = float("-inf")
         if self.keys_from_registry and now >= self._jwks_due:
@@ -140,6 +139,13 @@ class RegistryLink:
             # A process that only calls others (no middleware, never started) still renews
             # the tokens its clients asked for.
             self._renew_tokens()
+
+    def _learn_trust(self) -> TrustBundle:
+        bundle = self.client.trust()
+        # Applied before the call counts as contact: once the link says it is connected, the
+        # registry's trust domain and issuer are already the ones in force.
+        self._apply_trust(bundle)
+        return bundle
 
     def _register(self, now: float) -> None:
         policy = self._policy()

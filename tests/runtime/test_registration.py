@@ -27,6 +27,7 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from mesh_middleware import Mesh, MeshMiddleware, MeshWSGIMiddleware, TokenIssuer, get_caller
+from mesh_middleware.runtime.registry_client import TrustBundle
 from mesh_middleware.telemetry import metrics
 from tests.conftest import PolicyWriter
 from tests.runtime.fake_registry import FakeRegistry
@@ -478,3 +479,31 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
         assert ceiling / 2 <= backoff.next() <= ceiling
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+def test_the_registrys_trust_is_in_force_before_the_link_counts_as_connected(
+    write_policy: PolicyWriter,
+) -> None:
+    """Whoever sees `registry_connected` sees the registry's trust domain too (no window)."""
+    issuer = TokenIssuer(trust_domain="shop.internal")
+    registry = FakeRegistry(issuer, trust_domain="shop.internal")
+    mesh = Mesh(write_policy(POLICY), registry_url=registry.url, advertise="127.0.0.1:8123")
+    link = mesh._link
+    assert link is not None
+    seen_connected: list[bool] = []
+    apply = link._apply_trust
+
+    def watched(bundle: TrustBundle) -> None:
+        seen_connected.append(mesh.registry_connected)
+        apply(bundle)
+
+    link._apply_trust = watched
+    try:
+        registry.start()
+        mesh.start()
+        assert _wait(lambda: mesh.registry_connected, 12.0)
+        assert seen_connected == [False]
+        assert mesh.spiffe_id == "spiffe://shop.internal/svc/inventory"
+    finally:
+        mesh.close()
+        registry.stop()
