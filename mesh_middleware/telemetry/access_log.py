@@ -419,17 +419,7 @@ class AccessLog:
             f'"request_id":{request_json}'
             f"{',' + render_json_line(None, 'info', extra)[1:-1] if extra else ''}}}"
         )
-        # The sink's write, inline: this runs for every request.
-        sink = self._sink
-        if sink._interval <= 0:
-            sink.write(line)
-            return True
-        lines = sink._lines
-        lines.append(line)
-        if len(lines) >= MAX_BUFFERED_LINES:
-            sink.flush()
-        elif not sink._timer.armed:
-            sink._arm()
+        self._sink.write(line)
         return True
 
     def _to_logger(
