@@ -18,10 +18,12 @@ import math
 import os
 import threading
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import groupby, repeat, starmap
+from operator import itemgetter
 from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -326,20 +328,27 @@ def _families(registry: CollectorRegistry | None) -> _RequestFamilies:
 
 _LATENCY_BOUNDS: Final = [*LATENCY_BUCKETS, math.inf]
 _BYTE_BOUNDS: Final = [*BYTE_BUCKETS, math.inf]
-_bisect = bisect_left
 
 
-def _new_tally() -> list[Any]:
-    # count, seconds, request bytes, response bytes, then the three histograms' bucket counts
-    return [
-        0,
-        0.0,
-        0,
-        0,
-        [0] * len(_LATENCY_BOUNDS),
-        [0] * len(_BYTE_BOUNDS),
-        [0] * len(_BYTE_BOUNDS),
-    ]
+_LabelKey = tuple[str, str, str, str, str, int, str]
+_LABELS = itemgetter(0)
+
+
+def _histogram_tally(bounds: list[float], amounts: tuple[float, ...]) -> tuple[float, list[int]]:
+    """The sum of ``amounts`` and how many fall in each bucket (``le`` each bound, as
+    ``observe`` counts them); negative and NaN amounts count as 0."""
+    total = sum(amounts)
+    if not (total >= 0 and min(amounts) >= 0):  # NaN fails both comparisons
+        amounts = tuple(amount if amount >= 0 else 0 for amount in amounts)
+        total = sum(amounts)
+    ordered = sorted(amounts)
+    counts = []
+    below = 0
+    for bound in bounds:
+        upto = bisect_right(ordered, bound)
+        counts.append(upto - below)
+        below = upto
+    return total, counts
 
 
 def _bulk_observer(histogram: Histogram) -> Callable[[float, list[int]], None]:
@@ -464,12 +473,10 @@ class RequestMetrics:
         self.reporter = reporter
         self._families = _families(registry)
         self._max = max_label_sets
-        self._children: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
-        self._overflow: dict[tuple[str, str, str, str, str, int, str], _Children] = {}
+        self._children: dict[_LabelKey, _Children] = {}
+        self._overflow: dict[_LabelKey, _Children] = {}
         self._overflow_count = self._families.overflow.labels(reporter).inc
-        self._noted: deque[
-            tuple[str, str, str, str, str, int, str, float, int | float, int | float]
-        ] = deque()
+        self._noted: deque[tuple[_LabelKey, float, int | float, int | float]] = deque()
         self._lock = threading.Lock()
         self._timer = FlushTimer(_FLUSH_SECONDS)
         _RECORDERS.add(self)
@@ -497,13 +504,7 @@ class RequestMetrics:
         noted = self._noted
         noted.append(
             (
-                source,
-                destination,
-                version,
-                route,
-                method,
-                status,
-                flags,
+                (source, destination, version, route, method, status, flags),
                 seconds,
                 request_bytes,
                 response_bytes,
@@ -520,24 +521,20 @@ class RequestMetrics:
         """Fold the requests recorded since the last flush into the metrics."""
         with self._lock:
             noted = self._noted
-            pop = noted.popleft
-            taken = [pop() for _ in range(len(noted))]  # requests noted meanwhile wait
+            # Requests noted meanwhile wait; starmap calls popleft in C, not a Python loop.
+            taken = list(starmap(noted.popleft, repeat((), len(noted))))
         if not taken:
             return
-        tallies: dict[tuple[str, str, str, str, str, int, str], list[Any]] = {}
+        # Grouped by labels and split into columns by C code (sort, groupby, zip): Python
+        # code runs per distinct label set, not per request.
+        try:
+            taken.sort(key=_LABELS)
+        except TypeError:  # a caller broke the types (None for a str): still group them
+            taken.sort(key=lambda request: repr(request[0]))
         method_label = _METHOD_LABEL.get
-        for (
-            source,
-            destination,
-            version,
-            route,
-            method,
-            status,
-            flags,
-            seconds,
-            sent,
-            received,
-        ) in taken:
+        for labels, requests in groupby(taken, _LABELS):
+            _, durations, sizes_in, sizes_out = zip(*requests, strict=True)
+            source, destination, version, route, method, status, flags = labels
             key = (
                 source,
                 destination,
@@ -547,38 +544,16 @@ class RequestMetrics:
                 status,
                 flags,
             )
-            tally = tallies.get(key)
-            if tally is None:
-                tally = tallies[key] = _new_tally()
-            seconds = seconds if seconds >= 0 else 0.0  # and NaN
-            sent = sent if sent >= 0 else 0
-            received = received if received >= 0 else 0
-            tally[0] += 1
-            tally[1] += seconds
-            tally[2] += sent
-            tally[3] += received
-            tally[4][_bisect(_LATENCY_BOUNDS, seconds)] += 1
-            tally[5][_bisect(_BYTE_BOUNDS, sent)] += 1
-            tally[6][_bisect(_BYTE_BOUNDS, received)] += 1
-        for key, (
-            count,
-            total_seconds,
-            total_sent,
-            total_received,
-            durations,
-            sizes_in,
-            sizes_out,
-        ) in tallies.items():
             children = self._children.get(key)
             if children is None:
                 children = self._miss(key)
             counter, duration, request_size, response_size = children
-            counter(count)
-            duration(total_seconds, durations)
-            request_size(total_sent, sizes_in)
-            response_size(total_received, sizes_out)
+            counter(len(durations))
+            duration(*_histogram_tally(_LATENCY_BOUNDS, durations))
+            request_size(*_histogram_tally(_BYTE_BOUNDS, sizes_in))
+            response_size(*_histogram_tally(_BYTE_BOUNDS, sizes_out))
 
-    def _miss(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
+    def _miss(self, key: _LabelKey) -> _Children:
         if len(self._children) < self._max:
             made = self._children[key] = self._make(key)
             return made
@@ -595,7 +570,7 @@ class RequestMetrics:
                 children = self._overflow[key] = self._make(key)
         return children
 
-    def _make(self, key: tuple[str, str, str, str, str, int, str]) -> _Children:
+    def _make(self, key: _LabelKey) -> _Children:
         source, destination, version, route, method, status, flags = key
         labels = (self.reporter, source, destination, version, route, method, str(status), flags)
         families = self._families
@@ -814,8 +789,8 @@ class _DecisionTally:
     def flush(self) -> None:
         with self._lock:
             noted = self._noted
-            pop = noted.popleft
-            counts = Tally(pop() for _ in range(len(noted)))
+            # Taken one by one (an append meanwhile waits), all in C: starmap calls popleft.
+            counts = Tally(starmap(noted.popleft, repeat((), len(noted))))
         for key, count in counts.items():
             _decisions(*key).inc(count)
 

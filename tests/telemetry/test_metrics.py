@@ -10,7 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from mesh_middleware.errors import PolicyError
 from mesh_middleware.policy.loader import parse_policy
@@ -138,6 +140,72 @@ def test_methods_outside_the_standard_set_are_other(method: str, label: str) -> 
     _record(RequestMetrics("destination", registry), method=method)
     assert registry.get_sample_value("mesh_requests_total", {**LABELS, "method": label}) == 1
     assert metrics.method_label(method) == label
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["/a", "/b/{id}", "/c"]),
+            st.sampled_from(["GET", "POST", "PURGE", "get"]),
+            st.sampled_from([200, 404, 503]),
+            st.floats(0, 20) | st.sampled_from([0.005, 0.1, 10.0, -1.0, math.nan]),
+            st.integers(0, 20_000_000),
+        ),
+        max_size=60,
+    )
+)
+def test_a_batch_of_interleaved_label_sets_counts_what_each_request_would(
+    requests: list[tuple[str, str, int, float, int]],
+) -> None:
+    """One fold of many requests writes what prometheus_client's own `observe` and `inc`
+    would for each request on its own (a label set's requests need not be adjacent)."""
+    fast_registry, slow_registry = CollectorRegistry(), CollectorRegistry()
+    fast = RequestMetrics("destination", fast_registry)
+    names = [n for n in metrics.REQUEST_LABELS if n != "reporter"]
+    slow_count = Counter("mesh_requests", "x", names, registry=slow_registry)
+    slow_histograms = [
+        Histogram(name, "x", names, buckets=buckets, registry=slow_registry)
+        for name, buckets in (
+            ("mesh_request_duration_seconds", metrics.LATENCY_BUCKETS),
+            ("mesh_request_bytes", metrics.BYTE_BUCKETS),
+            ("mesh_response_bytes", metrics.BYTE_BUCKETS),
+        )
+    ]
+    for route, method, status, seconds, size in requests:
+        _record(
+            fast,
+            route=route,
+            method=method,
+            status=status,
+            seconds=seconds,
+            request_bytes=size,
+            response_bytes=size // 3,
+        )
+        labels = {
+            **{k: v for k, v in LABELS.items() if k != "reporter"},
+            "route": route,
+            "method": metrics.method_label(method),
+            "response_code": str(status),
+        }
+        slow_count.labels(**labels).inc()
+        for histogram, amount in zip(slow_histograms, (seconds, size, size // 3), strict=True):
+            histogram.labels(**labels).observe(amount if amount >= 0 else 0)
+    fast_samples = _samples(fast_registry)
+    slow_samples = _samples(slow_registry)
+    assert fast_samples.keys() == slow_samples.keys()
+    for key, value in slow_samples.items():
+        assert fast_samples[key] == pytest.approx(value), key
+
+
+def test_requests_with_labels_of_mixed_types_are_still_all_counted() -> None:
+    """A caller passing None where a str belongs cannot stop a batch from being counted."""
+    registry = CollectorRegistry()
+    rm = RequestMetrics("destination", registry)
+    _record(rm)
+    _record(rm, version=None)
+    _record(rm)
+    assert registry.get_sample_value("mesh_requests_total", LABELS) == 2
 
 
 def test_label_sets_past_the_cap_go_to_route_overflow_and_are_counted() -> None:
