@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -45,6 +46,10 @@ def request(**changes: Any) -> dict[str, Any]:
     }
     fields.update(changes)
     return fields
+
+
+_ENTRY_ORDER = tuple(inspect.signature(AccessLog.entry).parameters)[1:]
+"""`AccessLog.entry`'s parameters, in order."""
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -301,7 +306,7 @@ def test_the_mesh_entry_writes_what_log_writes(
     for _ in range(2):  # the second time from the remembered JSON
         AccessLog(stream=by_entry).entry(*common, *names, TRACE, span, request_id)
     AccessLog(stream=by_log).log(
-        **dict(zip(FIELDS[4:13], common, strict=True)),
+        **dict(zip(_ENTRY_ORDER[:9], common, strict=True)),
         caller=caller,
         destination=destination,
         upstream=upstream,
@@ -326,13 +331,13 @@ def test_the_entry_writes_a_request_id_that_is_not_the_trace_id_escaped() -> Non
     assert without["request_id"] is None
 
 
-def test_names_json_is_remembered_only_up_to_a_bound() -> None:
+def test_the_remembered_json_of_edges_and_outcomes_is_bounded() -> None:
     out = io.StringIO()
     log = AccessLog(stream=out)
-    for number in range(access_log._MAX_KNOWN_JSON + 50):
+    for number in range(access_log._MAX_KNOWN_PARTS + 50):
         log.entry(*request(caller=f"caller-{number}").values(), None, None, None, None)
-    assert len(access_log._KNOWN_JSON) <= access_log._MAX_KNOWN_JSON
-    assert lines(out)[-1]["caller"] == f"caller-{access_log._MAX_KNOWN_JSON + 49}"
+    assert len(access_log._KNOWN_PARTS) <= access_log._MAX_KNOWN_PARTS
+    assert lines(out)[-1]["caller"] == f"caller-{access_log._MAX_KNOWN_PARTS + 49}"
 
 
 def test_the_entry_goes_through_a_logger_of_your_own() -> None:
