@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,8 @@ from mesh_middleware.errors import RepeatedHeader
 from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body
-from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
-from mesh_middleware.runtime.context import current_deadline, deadline_from_header
+from mesh_middleware.inbound.telemetry import InboundTelemetry, RequestRecord, admission_flags
+from mesh_middleware.runtime.context import current_deadline, current_trace, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
@@ -44,6 +44,17 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
 _UNKNOWN_KID_WAIT = defaults.UNKNOWN_KID_WAIT_SECONDS
 
+
+_IDENTITY, _TRACEPARENT, _TRACESTATE, _DEADLINE, _REQUEST_ID, _CONTENT_LENGTH = range(6)
+_READ_HEADERS = {
+    _IDENTITY_HEADER: _IDENTITY,
+    b"traceparent": _TRACEPARENT,
+    b"tracestate": _TRACESTATE,
+    _DEADLINE_HEADER: _DEADLINE,
+    b"x-request-id": _REQUEST_ID,
+    b"content-length": _CONTENT_LENGTH,
+}
+"""The request headers the middleware itself reads."""
 
 _ENCODED_NAMES: dict[str, bytes] = {}
 _MAX_ENCODED_NAMES = 256
@@ -130,25 +141,15 @@ class _Answer:
         self.status = 0
         self.bytes = 0
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it hands back the server's own awaitable, which saves a
+        # coroutine per message. ASGI asks only that `send(message)` can be awaited.
         kind = message["type"]
         if kind == "http.response.body":
             self.bytes += len(message.get("body", b""))
         elif kind == "http.response.start":
             self.status = message["status"]
-        await self._send(message)
-
-
-def _route_template(scope: Scope, entry_root: str) -> str:
-    """The route the app matched, as its template (``/items/{item}``), never the raw path.
-
-    Under a ``Mount`` the router adds the mount point to ``root_path``; it is part of the route.
-    """
-    template = getattr(scope.get("route"), "path", None)
-    if not isinstance(template, str):
-        return "unmatched"
-    root = scope.get("root_path", "")
-    return root[len(entry_root) :] + template if root.startswith(entry_root) else template
+        return self._send(message)
 
 
 async def _serve_metrics(raw_headers: list[tuple[bytes, bytes]], send: Send) -> None:
@@ -238,20 +239,24 @@ class MeshMiddleware:
         request_id: bytes | None = None
         request_bytes = 0
         raw_headers = scope["headers"]
+        read = _READ_HEADERS.get
         for key, value in raw_headers:
-            if key == _IDENTITY_HEADER:
+            which = read(key)  # most headers are none of these: one look-up each
+            if which is None:
+                continue
+            if which == _IDENTITY:
                 duplicate = token is not None
                 token = value.decode("latin-1")
-            elif key == _DEADLINE_HEADER:
-                deadline_header = value
-            elif key == b"traceparent":
+            elif which == _TRACEPARENT:
                 # Two traceparent fields are invalid (W3C): start a new trace.
                 traceparent = value if traceparent is None else b""
-            elif key == b"tracestate":
+            elif which == _TRACESTATE:
                 tracestate.append(value)
-            elif key == b"x-request-id":
+            elif which == _DEADLINE:
+                deadline_header = value
+            elif which == _REQUEST_ID:
                 request_id = value
-            elif key == b"content-length" and value.isdigit():
+            elif value.isdigit():  # content-length
                 request_bytes = int(value)
         method = scope.get("method", "GET")
         telemetry = self._telemetry
@@ -259,7 +264,7 @@ class MeshMiddleware:
         if kind == "http" and scope.get("path") == settings.metrics_path:
             await _serve_metrics(raw_headers, send)  # public, as Prometheus has no identity
             return
-        record = telemetry.begin(traceparent, tracestate, request_id, method)
+        record = RequestRecord(telemetry, traceparent, tracestate, request_id, method)
         answer = _Answer(send)
         entry_root = root = scope.get("root_path", "")
         flags = metrics.NO_FLAGS
@@ -313,14 +318,22 @@ class MeshMiddleware:
             finally:
                 current_deadline.reset(deadline_token)
         finally:
-            telemetry.leave(record)
+            current_trace.reset(record.token)  # the request's trace is no longer current
+            # The route the app matched, as its template (`/items/{item}`), never the raw
+            # path. Under a `Mount` the router adds the mount point to root_path: it is part
+            # of the route.
+            route = getattr(scope.get("route"), "path", None)
+            if not isinstance(route, str):
+                route = "unmatched"
+            elif entry_root != (root := scope.get("root_path", "")) and root.startswith(entry_root):
+                route = root[len(entry_root) :] + route
             telemetry.end(
                 record,
                 settings,
                 caller.service if caller is not None else None,
                 method,
                 path,
-                _route_template(scope, entry_root),
+                route,
                 answer.status if answer.status or kind == "http" else 101,
                 flags,
                 request_bytes,

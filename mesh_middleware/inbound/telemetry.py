@@ -42,10 +42,13 @@ class _Settings:
 class RequestRecord:
     """One request in flight: when it began, its span, and the trace it continues.
 
-    It is what :data:`~mesh_middleware.runtime.context.current_trace` holds while the request
-    is served. The span's context is worked out on first use (:attr:`context`): parsing the
-    ``traceparent`` and drawing a span id cost more than the rest of the telemetry, and most
-    requests never need them (no outbound call, no log line, no span exporter).
+    Made when the request arrives (:meth:`InboundTelemetry.begin`), it becomes the current
+    trace at once, and a server span starts when spans are exported. It is what
+    :data:`~mesh_middleware.runtime.context.current_trace` holds while the request is served
+    (until :meth:`InboundTelemetry.leave`). The span's context is worked out on first use
+    (:attr:`context`): parsing the ``traceparent`` and drawing a span id cost more than the
+    rest of the telemetry, and most requests never need them (no outbound call, no log line,
+    no span exporter).
     """
 
     __slots__ = (
@@ -65,6 +68,7 @@ class RequestRecord:
         traceparent: str | bytes | None,
         tracestate: Sequence[str | bytes],
         request_id: str | bytes | None,
+        method: str,
     ) -> None:
         self._telemetry = telemetry
         self._traceparent = traceparent
@@ -74,6 +78,8 @@ class RequestRecord:
         self.span: Span | None = None
         self.started = time.perf_counter()
         self.token: Token[SpanHolder | None] = current_trace.set(self)
+        if exporting():
+            self.start_span(method)
 
     @property
     def context(self) -> SpanContext:
@@ -126,16 +132,16 @@ class InboundTelemetry:
 
     def __init__(
         self,
-        policy: Callable[[], CompiledPolicy],
+        state: Callable[[], tuple[CompiledPolicy, str]],
         reporter: Callable[[], EdgeReporter | None],
     ) -> None:
-        self._policy = policy
+        self._state = state
         self._reporter = reporter
         self._settings: _Settings | None = None
 
     def settings(self) -> _Settings:
         """The policy's telemetry settings, compiled once per policy object."""
-        policy = self._policy()
+        policy = self._state()[0]
         found = self._settings
         if found is not None and found.policy is policy:
             return found
@@ -161,10 +167,7 @@ class InboundTelemetry:
         method: str,
     ) -> RequestRecord:
         """A request arrived: make its record (and so its trace) current."""
-        record = RequestRecord(self, traceparent, tracestate, request_id)
-        if exporting():
-            record.start_span(method)
-        return record
+        return RequestRecord(self, traceparent, tracestate, request_id, method)
 
     @staticmethod
     def leave(record: RequestRecord) -> None:

@@ -8,6 +8,8 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +107,9 @@ class Mesh:
         if jwks is not None and not keys_loaded:
             log.warning("jwks_unavailable_at_start", source=str(jwks), error=self.keys.last_error)
         self.verifier = TokenVerifier(self.keys, trust_domain=self.trust_domain, issuer=issuer)
-        self.inbound = InboundEngine(self._current, self.verifier)
+        # Read for every request: C-level getters, so that costs no Python frame.
+        self._state_now: Callable[[], tuple[CompiledPolicy, str]] = partial(getattr, self, "_state")
+        self.inbound = InboundEngine(self._state_now, self.verifier)
         if jwks is None and compiled.strict and self.registry_url is None:
             log.warning(
                 "no_jwks_configured",
@@ -142,7 +146,9 @@ class Mesh:
         )
         self._report_interval = report_interval
         self.reporter = self._new_reporter()
-        self.inbound_telemetry = InboundTelemetry(lambda: self._state[0], lambda: self.reporter)
+        self.inbound_telemetry = InboundTelemetry(
+            self._state_now, partial(getattr, self, "reporter")
+        )
         self.outbound_telemetry = OutboundTelemetry(lambda: self._state[0], lambda: self.reporter)
 
     def _connect(
@@ -229,9 +235,6 @@ class Mesh:
             if export[0] is not None:
                 # Spans go to the collector from a bounded queue in a background thread.
                 enable_otlp(export[0], service_name=compiled.service)
-
-    def _current(self) -> tuple[CompiledPolicy, str]:
-        return self._state
 
     @property
     def policy(self) -> CompiledPolicy:
