@@ -322,40 +322,31 @@ class AccessLog:
             context = current_log_context()
             if context is not None:
                 trace_id, span_id = context
-        if self._logger is not None:
-            return self._to_logger(
-                direction,
-                method,
-                path,
-                route,
-                status,
-                flags,
-                duration_ms,
-                request_bytes,
-                response_bytes,
-                caller,
-                destination,
-                upstream,
-                trace_id,
-                span_id,
-                request_id,
-                extra,
+        if self._logger is None:
+            # The line takes whole numbers, and ids as they sit between quotes; a logger of
+            # your own gets the fields as they were given.
+            status, request_bytes, response_bytes = (
+                int(status),
+                int(request_bytes),
+                int(response_bytes),
             )
+            trace_id = None if trace_id is None else _inside_quotes(trace_id)
+            span_id = None if span_id is None else _inside_quotes(span_id)
         return self.entry(
             direction,
             method,
             path,
             route,
-            int(status),
+            status,
             flags,
             duration_ms,
-            int(request_bytes),
-            int(response_bytes),
+            request_bytes,
+            response_bytes,
             caller,
             destination,
             upstream,
-            None if trace_id is None else _inside_quotes(trace_id),
-            None if span_id is None else _inside_quotes(span_id),
+            trace_id,
+            span_id,
             request_id,
             extra,
         )
