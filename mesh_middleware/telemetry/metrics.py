@@ -442,10 +442,11 @@ class RequestMetrics:
     """Records requests into the four request metrics for one reporter.
 
     ``reporter`` is ``"destination"`` for the inbound middleware and ``"source"`` for the
-    outbound clients (Istio's meaning). The label children are cached per label tuple, so a
-    record is a dict lookup and four increments; past ``max_label_sets`` distinct tuples a new
-    tuple is recorded with ``route="overflow"`` and counted in ``mesh_metrics_label_overflow``.
-    Safe to call from any thread.
+    outbound clients (Istio's meaning). A record is one append; requests are folded into the
+    metrics in batches (256, within a second, at each scrape and at exit), once per label set
+    through label children cached per label tuple. Past ``max_label_sets`` distinct tuples a
+    new tuple is recorded with ``route="overflow"`` and counted in
+    ``mesh_metrics_label_overflow``. Safe to call from any thread.
     """
 
     __slots__ = (
