@@ -18,7 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-__all__ = ["app", "create_app"]
+__all__ = ["PACKAGE_LINE", "app", "create_app"]
+
+PACKAGE_LINE = "bench app: mesh_middleware from "
 
 
 async def get_item(request: Request) -> JSONResponse:
@@ -32,7 +34,11 @@ def create_app(meshed: bool | None = None) -> Starlette:
         meshed = os.environ.get("BENCH_MESH", "0") == "1"
     application = Starlette(routes=[Route("/items/{item_id:int}", get_item, methods=["GET"])])
     if meshed:
+        import mesh_middleware
         from mesh_middleware import Mesh, MeshMiddleware
+
+        # inbound.py --against reads this to check which checkout's package a server runs.
+        print(f"{PACKAGE_LINE}{os.path.dirname(mesh_middleware.__file__)}", flush=True)
 
         policy = os.environ.get("BENCH_POLICY")
         if not policy:

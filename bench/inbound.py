@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 import yaml
 from _processes import PinnedProcess, free_port
+from apps import PACKAGE_LINE
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -57,6 +58,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 METRICS_PATH = "/metrics"
 BARE, MESH, MESH_LOG = "bare", "mesh", "mesh+log"
+AGAINST = "@against"  # the name suffix of the variants run from --against's checkout
 # Issue 5: requests/s of each meshed variant relative to the bare app in the same run.
 BARS = {MESH: 0.70, MESH_LOG: 0.60}
 CALLER = "caller"
@@ -262,9 +264,17 @@ class Server(PinnedProcess):
     """One uvicorn worker process serving ``bench/apps.py``, pinned to one CPU."""
 
     def __init__(
-        self, name: str, env: dict[str, str], log_dir: Path, *, stderr_to_null: bool = False
+        self,
+        name: str,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        stderr_to_null: bool = False,
+        variant: str | None = None,
+        cwd: Path = REPO,
     ) -> None:
         self.name = name
+        self.variant = variant or name  # what it runs; the name also says from which checkout
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}{ITEM_PATH}"
@@ -280,9 +290,16 @@ class Server(PinnedProcess):
             # sh execs the interpreter (same pid, so its CPU is still read from it) with stderr,
             # where the access log writes, on /dev/null; stdout stays in the log file.
             command = ["sh", "-c", 'exec "$0" "$@" 2>/dev/null', *command]
-        log_path = log_dir / f"{name.replace('+', '-')}.log"
+        log_path = log_dir / f"{name.replace('+', '-').replace('@', '-')}.log"
         self.log_path = log_path
-        super().__init__(command, log_path, cpu=SERVER_CPU, cwd=REPO, env=env)
+        super().__init__(command, log_path, cpu=SERVER_CPU, cwd=cwd, env=env)
+
+    def package_dir(self) -> Path | None:
+        """Where the server imported mesh_middleware from (``bench/apps.py`` says so)."""
+        for line in self.log_end().splitlines():
+            if line.startswith(PACKAGE_LINE):
+                return Path(line.removeprefix(PACKAGE_LINE)).resolve()
+        return None
 
     def log_end(self) -> str:
         """The last lines of the server's log (stdout and stderr), without reading it all."""
@@ -408,7 +425,7 @@ def check_servers(servers: list[Server], token: str) -> None:
             raise BenchError(f"{server.name}: GET {ITEM_PATH} with a token gave {status} {body!r}")
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     for mesh in servers:
-        if mesh.name == BARE:
+        if mesh.variant == BARE:
             continue
         status, body = _get(mesh.url, None)
         if status != 401:
@@ -423,6 +440,18 @@ def check_servers(servers: list[Server], token: str) -> None:
         status, body = _get(mesh.base + "/admin/x", token)
         if status != 403:
             raise BenchError(f"{mesh.name}: GET /admin/x as {CALLER!r} gave {status}, expected 403")
+
+
+def check_packages(servers: list[Server], against: Path | None) -> None:
+    """Fail unless each meshed server runs the mesh_middleware of the checkout it is for."""
+    for server in servers:
+        if server.variant == BARE:
+            continue
+        checkout = against if server.name.endswith(AGAINST) else REPO
+        assert checkout is not None
+        found = server.package_dir()
+        if found != checkout.resolve() / "mesh_middleware":
+            raise BenchError(f"{server.name}: runs mesh_middleware from {found}, not {checkout}")
 
 
 _COUNTED = re.compile(
@@ -453,7 +482,7 @@ def check_telemetry(servers: list[Server], counted_before: dict[str, float], req
     """Fail unless the meshed servers counted the measured requests in their metrics and only
     ``mesh+log`` wrote access lines, continuing the trace of the requests' ``traceparent``."""
     for server in servers:
-        if server.name == BARE:
+        if server.variant == BARE:
             continue
         counted = counted_requests(server) - counted_before[server.name]
         if counted < requests:
@@ -462,7 +491,7 @@ def check_telemetry(servers: list[Server], counted_before: dict[str, float], req
                 f" wrk made at least {requests} requests: are metrics on?"
             )
         lines = [line for line in server.log_end().splitlines() if '"event":"access"' in line]
-        if server.name == MESH:
+        if server.variant == MESH:
             if lines:
                 raise BenchError(f"{server.name}: wrote access lines, its access log is off")
             continue
@@ -600,7 +629,17 @@ def main(argv: list[str] | None = None) -> int:
         help="where mesh+log's stderr (its access lines) goes: its log file in the temporary"
         " directory (default) or /dev/null",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run mesh and mesh+log with the mesh_middleware of another checkout (this"
+        " checkout's app), in the same rounds, and print each against its counterpart: on a"
+        " noisy machine, the way to see what a change does",
+    )
     args = parser.parse_args(argv)
+    if args.against is not None and not (args.against / "mesh_middleware").is_dir():
+        parser.error(f"--against: no mesh_middleware package in {args.against}")
     if not (1 <= args.rounds <= 20 and 1 <= args.seconds <= 120 and 0 <= args.warmup <= 30):
         parser.error("--rounds 1..20, --seconds 1..120, --warmup 0..30")
     out: TextIO = sys.stderr if args.json else sys.stdout
@@ -623,9 +662,23 @@ def main(argv: list[str] | None = None) -> int:
                 env = {**common, "BENCH_MESH": "1", "BENCH_POLICY": str(policies[variant])}
                 to_null = variant == MESH_LOG and args.access_log_sink == "devnull"
                 servers.append(Server(variant, env, directory, stderr_to_null=to_null))
+                if args.against is not None:
+                    # Started from the other checkout, `python -m` puts its package first on
+                    # the path, ahead of this checkout's (editable) install.
+                    servers.append(
+                        Server(
+                            f"{variant}{AGAINST}",
+                            env,
+                            directory,
+                            stderr_to_null=to_null,
+                            variant=variant,
+                            cwd=args.against.resolve(),
+                        )
+                    )
             for server in servers:
                 server.wait_ready(token)
             check_servers(servers, token)
+            check_packages(servers, args.against)
             sink = (
                 "/dev/null"
                 if args.access_log_sink == "devnull"
@@ -657,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 for server in servers:
                     run_wrk(wrk, server, token, args.warmup)
-            counted_before = {s.name: counted_requests(s) for s in servers if s.name != BARE}
+            counted_before = {s.name: counted_requests(s) for s in servers if s.variant != BARE}
             summaries = {s.name: Summary(s.name) for s in servers}
             for round_ in range(1, args.rounds + 1):
                 order = servers if round_ % 2 else servers[::-1]
@@ -803,6 +856,18 @@ def report(
             )
     met = all(bars.values())
     print("all bars met" if met else "a bar was missed", file=out)
+    against = {
+        v: compare(summaries[v + AGAINST], summaries[v]) for v in arms if v + AGAINST in summaries
+    }
+    for variant, arm in against.items():
+        print(
+            f"  {variant} against {args.against}: {arm.paired_ratio:.2f}x requests/s"
+            f" (paired, range {min(arm.paired):.2f}-{max(arm.paired):.2f}),"
+            f" {arm.paired_added:+.1f} us CPU per request (paired; pooled"
+            f" {summaries[variant + AGAINST].cpu_us_per_request:.1f} ->"
+            f" {summaries[variant].cpu_us_per_request:.1f} us/req)",
+            file=out,
+        )
     if args.json:
         mesh = arms[MESH]
         figures = {
@@ -845,6 +910,19 @@ def report(
                 for variant, arm in arms.items()
             },
             "access_log_added_cpu_us_per_request": round(log_added, 2),
+            "against": {
+                "checkout": str(args.against),
+                **{v + AGAINST: summaries[v + AGAINST].as_dict() for v in against},
+                "paired": {
+                    variant: {
+                        "ratios_requests_per_second": [round(r, 3) for r in arm.paired],
+                        "added_cpu_us_per_request": [round(c, 2) for c in arm.paired_cpu],
+                    }
+                    for variant, arm in against.items()
+                },
+            }
+            if against
+            else None,
             "all_bars_met": met,
             "machine_contended": contended,
         }
