@@ -375,25 +375,35 @@ class AccessLog:
         Positional, and ``trace_id`` and ``span_id`` must be ``None`` or hex ids (a
         :class:`~mesh_middleware.telemetry.tracecontext.SpanContext`'s), written without
         escaping; ``request_id`` may be anything."""
-        if self._logger is not None:
-            return self._to_logger(
-                direction,
-                method,
-                path,
-                route,
-                status,
-                flags,
-                duration_ms,
-                request_bytes,
-                response_bytes,
-                caller,
-                destination,
-                upstream,
-                trace_id,
-                span_id,
-                request_id,
-                extra,
+        logger = self._logger
+        if logger is not None:  # the fields go to a structlog logger of your own
+            if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
+                return False
+            fields = dict(
+                zip(
+                    FIELDS[4:],
+                    (
+                        direction,
+                        method,
+                        route,
+                        status,
+                        flags,
+                        caller,
+                        destination,
+                        upstream,
+                        path.partition("?")[0],
+                        round(duration_ms, 3),
+                        request_bytes,
+                        response_bytes,
+                        trace_id,
+                        span_id,
+                        request_id,
+                    ),
+                    strict=True,
+                )
             )
+            logger.info("access", **fields, **(extra or {}))
+            return True
         sample = self.sample
         if status < 500 and flags == NO_FLAGS and sample < 1.0 and not sampled(sample, trace_id):
             return False
@@ -426,53 +436,4 @@ class AccessLog:
             f"{',' + render_json_line(None, 'info', extra)[1:-1] if extra else ''}}}"
         )
         self._sink.write(line)
-        return True
-
-    def _to_logger(
-        self,
-        direction: str,
-        method: str,
-        path: str,
-        route: str | None,
-        status: int,
-        flags: str,
-        duration_ms: float,
-        request_bytes: int,
-        response_bytes: int,
-        caller: str | None,
-        destination: str | None,
-        upstream: str | None,
-        trace_id: str | None,
-        span_id: str | None,
-        request_id: str | None,
-        extra: dict[str, Any] | None,
-    ) -> bool:
-        """The line's fields to the structlog logger given at construction."""
-        assert self._logger is not None
-        if status < 500 and flags == NO_FLAGS and not sampled(self.sample, trace_id):
-            return False
-        fields = dict(
-            zip(
-                FIELDS[4:],
-                (
-                    direction,
-                    method,
-                    route,
-                    status,
-                    flags,
-                    caller,
-                    destination,
-                    upstream,
-                    path.partition("?")[0],
-                    round(duration_ms, 3),
-                    request_bytes,
-                    response_bytes,
-                    trace_id,
-                    span_id,
-                    request_id,
-                ),
-                strict=True,
-            )
-        )
-        self._logger.info("access", **fields, **(extra or {}))
         return True
