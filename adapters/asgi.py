@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote
 
 import anyio
 import anyio.to_thread
+from mypy_extensions import mypyc_attr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh_middleware import defaults
@@ -176,6 +177,7 @@ def _framework(app: object) -> str:
     return str(module).split(".")[0] or "asgi"
 
 
+@mypyc_attr(native_class=False)  # public: a native class would lose its docstring
 class MeshMiddleware:
     """Verifies callers, authorizes them against the policy and injects faults.
 

@@ -417,6 +417,13 @@ def mesh_version() -> str:
     return __version__
 
 
+def request_path_build() -> str:
+    """How the servers' request path runs: compiled by the install (setup.py), or its source."""
+    from mesh_middleware import _compiled
+
+    return "compiled (mypyc)" if _compiled.compiled() else "Python source"
+
+
 def check_servers(servers: list[Server], token: str) -> None:
     """Fail unless the meshed servers really verify identities and all servers answer alike."""
     for server in servers:
@@ -685,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                 else f"a file ({servers[-1].log_path}, with the server's other output)"
             )
             print(
-                f"mesh-middleware {mesh_version()}, {args.policy or 'built-in policy'}:"
+                f"mesh-middleware {mesh_version()} ({request_path_build()}),"
+                f" {args.policy or 'built-in policy'}:"
                 f" {rules} rules,"
                 f" python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}",
                 file=out,

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+# First: whether the compiled request path or its source is imported (see _compiled).
+from mesh_middleware import _compiled  # noqa: F401
 from mesh_middleware._version import __version__
 from mesh_middleware.adapters.asgi import MeshMiddleware
 from mesh_middleware.adapters.httpx import AsyncMeshTransport, MeshTransport

@@ -14,7 +14,8 @@ from tests.support.servers import REPO
 
 @pytest.mark.slow
 def test_wheel_installs_and_imports_the_public_api(tmp_path: Path) -> None:
-    """Build the wheel, install it with its dependencies into a new venv, import the API."""
+    """Build the wheel (with the request path compiled by mypyc), install it with its
+    dependencies into a new venv, import the API."""
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
@@ -36,6 +37,8 @@ def test_wheel_installs_and_imports_the_public_api(tmp_path: Path) -> None:
         "import mesh_middleware as m, mesh_middleware.adapters.asgi as a;"
         "from mesh_middleware import Mesh, MeshMiddleware, MeshWSGIMiddleware;"
         "assert 'site-packages' in a.__file__, a.__file__;"
+        "from mesh_middleware import _compiled;"
+        "assert _compiled.compiled(), 'the wheel did not compile the request path';"
         "print(len(m.__all__))"
     )
     done = subprocess.run(

@@ -21,6 +21,7 @@ from typing import Any
 
 from joserfc import errors as jose_errors
 from joserfc import jwt
+from mypy_extensions import mypyc_attr
 
 from mesh_middleware import defaults
 from mesh_middleware.errors import IdentityError, UnknownSigningKey
@@ -31,6 +32,7 @@ from mesh_middleware.identity.tokens import ACCEPTED_ALGORITHMS, FORBIDDEN_HEADE
 __all__ = ["CallerIdentity", "TokenVerifier"]
 
 
+@mypyc_attr(native_class=False)  # public: a native class would lose its docstring
 @dataclass(frozen=True, slots=True)
 class CallerIdentity:
     """Who called: a verified mesh service identity."""

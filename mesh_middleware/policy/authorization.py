@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 from mesh_middleware.policy.conditions import Conditions
 from mesh_middleware.policy.loader import LoadedPolicy
 from mesh_middleware.policy.patterns import StringMatcher
@@ -19,6 +21,7 @@ from mesh_middleware.policy.schema import Rule
 __all__ = ["AuthorizationDecision", "Authorizer", "CompiledRule"]
 
 
+@mypyc_attr(native_class=False)  # public: a native class would lose its docstring
 @dataclass(frozen=True, slots=True)
 class AuthorizationDecision:
     """The outcome of authorizing one request, with the reason that decided it.

@@ -14,6 +14,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from mesh_middleware.telemetry.tracecontext import SpanContext
 
 __all__ = [
@@ -30,6 +32,7 @@ _MAX_DEADLINE_MS = 24 * 3600 * 1000
 _MILLIS = re.compile(r"^[ \t]*[0-9]{1,12}[ \t]*$", re.ASCII)
 
 
+@mypyc_attr(native_class=False)  # public: a native class would lose its docstring
 @dataclass(frozen=True, slots=True)
 class Deadline:
     """The moment (``time.monotonic()``) by which the caller stops waiting."""

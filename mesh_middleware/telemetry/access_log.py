@@ -36,6 +36,8 @@ from itertools import repeat, starmap
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol, TextIO
 
+from mypy_extensions import mypyc_attr
+
 from mesh_middleware.telemetry.flush_timer import FlushTimer
 from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.metrics import NO_FLAGS
@@ -193,6 +195,8 @@ class _Clock:
 _MILLIS = tuple(f"{n:03d}Z" for n in range(1000))
 
 
+# An ordinary Python class, even compiled: _SINKS holds sinks by weak reference.
+@mypyc_attr(native_class=False)
 class _Sink:
     """Writes lines to a stream: each at once, or buffered (see the module's docstring)."""
 

@@ -26,6 +26,7 @@ from itertools import groupby, repeat, starmap
 from operator import itemgetter
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from mesh_middleware.telemetry.flush_timer import FlushTimer
@@ -49,6 +50,7 @@ __all__ = [
     "LABEL_OVERFLOW",
     "LATENCY_BUCKETS",
     "MAX_LABEL_SETS",
+    "MAX_OVERFLOW_SETS",
     "METRICS",
     "NO_FLAGS",
     "NO_HEALTHY",
@@ -96,7 +98,8 @@ __all__ = [
 
 # --- buckets and labels -----------------------------------------------------------------------
 
-LATENCY_BUCKETS: Final = (
+# Not Final: mypyc would inline it and then not find it set when the families are made.
+LATENCY_BUCKETS: tuple[float, ...] = (
     0.005,
     0.01,
     0.025,
@@ -114,7 +117,7 @@ LATENCY_BUCKETS: Final = (
 )
 """Request duration buckets in seconds: OpenTelemetry's HTTP semconv defaults (DESIGN §6)."""
 
-BYTE_BUCKETS: Final = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0)
+BYTE_BUCKETS: tuple[float, ...] = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0)
 """Body size buckets in bytes: decades from 100 B to 10 MB (Istio's size buckets, trimmed).
 
 Six finite buckets keep each label set at 9 series per size histogram; a decade is as fine as
@@ -145,7 +148,8 @@ MAX_LABEL_SETS: Final = 10_000
 OVERFLOW: Final = "overflow"
 """The ``route`` value (and, past a second cap, every free-form label) of overflowed records."""
 
-_MAX_OVERFLOW_SETS: Final = 1_000
+MAX_OVERFLOW_SETS: Final = 1_000
+"""Overflowed label sets one :class:`RequestMetrics` keeps apart before collapsing the rest."""
 
 # --- response flags (the ``response_flags`` label and the access log's ``flags``) -------------
 # A short, comma-joined set like Envoy's %RESPONSE_FLAGS%, always in ALL_FLAGS order.
@@ -438,6 +442,8 @@ _Children = tuple[
 ]
 
 
+# An ordinary Python class, even compiled: flush_pending holds recorders by weak reference.
+@mypyc_attr(native_class=False)
 class RequestMetrics:
     """Records requests into the four request metrics for one reporter.
 
@@ -446,7 +452,8 @@ class RequestMetrics:
     metrics in batches (256, within a second, at each scrape and at exit), once per label set
     through label children cached per label tuple. Past ``max_label_sets`` distinct tuples a
     new tuple is recorded with ``route="overflow"`` and counted in
-    ``mesh_metrics_label_overflow``. Safe to call from any thread.
+    ``mesh_metrics_label_overflow``; past ``max_overflow_sets`` overflowed tuples every
+    free-form label of a new one is ``overflow``. Safe to call from any thread.
     """
 
     __slots__ = (
@@ -455,6 +462,7 @@ class RequestMetrics:
         "_families",
         "_lock",
         "_max",
+        "_max_overflow",
         "_noted",
         "_overflow",
         "_overflow_count",
@@ -468,12 +476,14 @@ class RequestMetrics:
         registry: CollectorRegistry | None = None,
         *,
         max_label_sets: int = MAX_LABEL_SETS,
+        max_overflow_sets: int = MAX_OVERFLOW_SETS,
     ) -> None:
         if reporter not in ("destination", "source"):
             raise ValueError(f"reporter must be 'destination' or 'source', not {reporter!r}")
         self.reporter = reporter
         self._families = _families(registry)
         self._max = max_label_sets
+        self._max_overflow = max_overflow_sets
         self._children: dict[_LabelKey, _Children] = {}
         self._overflow: dict[_LabelKey, _Children] = {}
         self._overflow_count = self._families.overflow.labels(reporter).inc
@@ -563,7 +573,7 @@ class RequestMetrics:
         key = (source, destination, version, OVERFLOW, method, status, flags)
         children: _Children | None = self._overflow.get(key)
         if children is None:
-            if len(self._overflow) >= _MAX_OVERFLOW_SETS:
+            if len(self._overflow) >= self._max_overflow:
                 # Even the overflow sets are too many: keep only what is bounded by nature.
                 key = (OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, method, status, OVERFLOW)
                 children = self._overflow.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -12,7 +13,6 @@ import anyio
 import pytest
 
 from mesh_middleware import Mesh, MeshMiddleware, TokenIssuer
-from mesh_middleware.policy.authorization import Authorizer
 from mesh_middleware.telemetry import metrics
 from tests.conftest import PolicyWriter
 
@@ -220,10 +220,16 @@ def test_a_failure_inside_the_mesh_fails_closed(
     app = _App()
     middleware = MeshMiddleware(app, mesh=mesh)
 
-    def broken(*args: object) -> object:
-        raise RuntimeError("bug")
+    class Broken:
+        def decide(self, *args: object) -> object:
+            raise RuntimeError("bug")
 
-    monkeypatch.setattr(Authorizer, "decide", broken)
+    # The policy the engine reads, with an authorizer that breaks. (Compiled, the engine
+    # refuses it for not being an Authorizer, before calling it: an exception all the same.)
+    policy, audience = mesh._state
+    monkeypatch.setattr(
+        mesh, "_state", (dataclasses.replace(policy, authorizer=Broken()), audience)
+    )
     status, body = _run(middleware, _scope("/x"))
     assert status == 503
     assert json.loads(body)["error"] == "mesh_unavailable"

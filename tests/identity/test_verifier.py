@@ -272,23 +272,26 @@ def test_a_token_valid_for_too_long_is_refused(issuer: TokenIssuer) -> None:
     )
 
 
-def test_a_key_withdrawn_during_verification_is_not_cached(issuer: TokenIssuer) -> None:
+def test_a_key_withdrawn_during_verification_is_not_cached(
+    issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A verification racing a key rotation decides again and caches nothing stale."""
     store = KeyStore(keys=parse_jwks(issuer.jwks()))
     verifier = TokenVerifier(store)
-    real = verifier._verify_uncached
+    real = store.get
     calls = []
 
-    def racing(token: str, audience: str, now: float) -> Any:
-        result = real(token, audience, now)
+    def racing(kid: str) -> Any:
+        key = real(kid)
         if not calls:
             store.replace(parse_jwks(TokenIssuer().jwks()))  # rotation lands mid-verification
         calls.append(1)
-        return result
+        return key
 
-    verifier._verify_uncached = racing  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "get", racing)
     with pytest.raises(UnknownSigningKey):
         verifier.verify(issuer.mint("orders", "inventory"), AUDIENCE)
+    assert len(calls) == 2  # decided again, against the new keys
     assert verifier._cache == {}
 
 

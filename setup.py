@@ -1,0 +1,70 @@
+"""Build hook: compiles the request path with mypyc where it can, and leaves it Python otherwise.
+
+Everything else about the package is in pyproject.toml. The modules compiled are
+``COMPILED_MODULES`` in ``mesh_middleware/_compiled.py``. Nothing is compiled when
+``MESH_MIDDLEWARE_PURE_PYTHON=1`` is set for the install, when mypyc cannot be imported, or when
+it fails (no C compiler, say): the install then carries the pure-Python package, which behaves the
+same, only slower. A build records the SHA-256 of each source it compiled in
+``mesh_middleware/_compiled_sources.py``: at import, a compiled module whose source no longer has
+that digest (an editable checkout edited since) makes the package run the source of all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).resolve().parent
+LISTING = runpy.run_path(str(ROOT / "mesh_middleware" / "_compiled.py"))
+DIGESTS = ROOT / "mesh_middleware" / "_compiled_sources.py"
+
+# mypyc type-checks what it compiles. The build runs in an isolated environment without the
+# package's dependencies, so their types are unknown (Any) there; the strict settings of
+# [tool.mypy] are for the development environment, not for the build.
+_MYPYC_OPTIONS = ["--config-file", str(ROOT / "mypyc.ini")]
+
+
+def _write_digests(sources: dict[str, Path]) -> None:
+    lines = [
+        '"""Written by setup.py: the SHA-256 of each source compiled by mypyc in this build."""',
+        "",
+        "DIGESTS = {",
+        *(
+            f"    {name!r}: {hashlib.sha256(path.read_bytes()).hexdigest()!r},"
+            for name, path in sources.items()
+        ),
+        "}",
+        "",
+    ]
+    DIGESTS.write_text("\n".join(lines))
+
+
+def compiled_extensions() -> list[Extension]:
+    if os.environ.get(LISTING["PURE_PYTHON_ENV"], "") not in ("", "0"):
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("setup.py: mypyc is not available; building pure Python", file=sys.stderr)
+        return []
+    sources: dict[str, Path] = LISTING["source_files"](ROOT)
+    relative = [str(path.relative_to(ROOT)) for path in sources.values()]
+    try:
+        extensions = mypycify(
+            [*_MYPYC_OPTIONS, *relative], opt_level="3", group_name="mesh_middleware"
+        )
+    except (Exception, SystemExit) as exc:  # mypyc exits on a type error
+        print(f"setup.py: mypyc failed ({exc!r}); building pure Python", file=sys.stderr)
+        return []
+    for extension in extensions:
+        extension.optional = True  # a failed C compile leaves the pure-Python package
+    _write_digests(sources)
+    return extensions
+
+
+setup(ext_modules=compiled_extensions())
