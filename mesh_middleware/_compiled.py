@@ -42,6 +42,7 @@ COMPILED_MODULES = (
     "mesh_middleware.runtime.context",
     "mesh_middleware.telemetry.access_log",
     "mesh_middleware.telemetry.metrics",
+    "mesh_middleware.telemetry.spans",
     "mesh_middleware.telemetry.tracecontext",
 )
 """The modules every inbound request runs through, compiled when the install could."""

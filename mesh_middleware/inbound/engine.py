@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import structlog
 
@@ -30,7 +29,6 @@ _DUPLICATE_IDENTITY = error_body("unauthenticated", "more than one identity head
 _ENGINE_FAILED = error_body("mesh_unavailable", "the mesh could not evaluate this request")
 
 
-@dataclass(slots=True)
 class Admission:
     """What to do with one request.
 
@@ -40,14 +38,45 @@ class Admission:
     refetch keys and admit again.
     """
 
-    status: int | None = None
-    body: bytes = b""
-    caller: CallerIdentity | None = None
-    decision: AuthorizationDecision | None = None
-    delay: float = 0.0
-    path: str | None = None
-    fault: str | None = None
-    unknown_kid: str | None = None
+    # A plain class, not a dataclass: compiled, a slotted dataclass keeps the interpreted
+    # __init__ dataclasses generates, and one is made for every request.
+    __slots__ = ("body", "caller", "decision", "delay", "fault", "path", "status", "unknown_kid")
+
+    def __init__(
+        self,
+        status: int | None = None,
+        body: bytes = b"",
+        caller: CallerIdentity | None = None,
+        decision: AuthorizationDecision | None = None,
+        delay: float = 0.0,
+        path: str | None = None,
+        fault: str | None = None,
+        unknown_kid: str | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.caller = caller
+        self.decision = decision
+        self.delay = delay
+        self.path = path
+        self.fault = fault
+        self.unknown_kid = unknown_kid
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _ADMISSION_FIELDS)
+        return f"Admission({fields})"
+
+
+_ADMISSION_FIELDS = (
+    "status",
+    "body",
+    "caller",
+    "decision",
+    "delay",
+    "path",
+    "fault",
+    "unknown_kid",
+)
 
 
 class InboundEngine:

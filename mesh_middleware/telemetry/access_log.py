@@ -36,9 +36,7 @@ from itertools import repeat, starmap
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol, TextIO
 
-from mypy_extensions import mypyc_attr
-
-from mesh_middleware.telemetry.flush_timer import FlushTimer
+from mesh_middleware.telemetry.flush_timer import FlushTimer, Handle
 from mesh_middleware.telemetry.log_context import current_log_context
 from mesh_middleware.telemetry.metrics import NO_FLAGS
 
@@ -195,12 +193,10 @@ class _Clock:
 _MILLIS = tuple(f"{n:03d}Z" for n in range(1000))
 
 
-# An ordinary Python class, even compiled: _SINKS holds sinks by weak reference.
-@mypyc_attr(native_class=False)
 class _Sink:
     """Writes lines to a stream: each at once, or buffered (see the module's docstring)."""
 
-    __slots__ = ("__weakref__", "_interval", "_lines", "_lock", "_stream", "_timer")
+    __slots__ = ("_handle", "_interval", "_lines", "_lock", "_stream", "_timer")
 
     def __init__(self, stream: TextIO, interval: float) -> None:
         self._stream = stream
@@ -209,8 +205,9 @@ class _Sink:
         self._lines: deque[str] = deque()
         self._lock = threading.Lock()
         self._timer = FlushTimer(interval)
+        self._handle = Handle(self)
         if interval > 0:
-            _SINKS.add(self)
+            _SINKS.add(self._handle)
 
     def write(self, line: str) -> None:
         if self._interval <= 0:
@@ -251,18 +248,18 @@ class _Sink:
         self._lock = threading.Lock()
 
 
-_SINKS: weakref.WeakSet[_Sink] = weakref.WeakSet()
+_SINKS: weakref.WeakSet[Handle[_Sink]] = weakref.WeakSet()
 
 
 def flush_access_logs() -> None:
     """Write every buffered access line now (the Mesh calls it on close; it runs at exit)."""
-    for sink in list(_SINKS):
-        sink.flush()
+    for handle in list(_SINKS):
+        handle.owner.flush()
 
 
 def _after_fork_in_child() -> None:
-    for sink in list(_SINKS):
-        sink.forget()
+    for handle in list(_SINKS):
+        handle.owner.forget()
 
 
 atexit.register(flush_access_logs)

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
-__all__ = ["FlushTimer"]
+__all__ = ["FlushTimer", "Handle"]
+
+T = TypeVar("T")
+
+
+class Handle(Generic[T]):
+    """Stands for a batch's owner in a weak set (flush at exit, forget after fork), as the
+    owner itself, compiled by mypyc, cannot be weakly referenced. The owner keeps its handle
+    and the handle its owner, so the two are collected together."""
+
+    __slots__ = ("__weakref__", "owner")
+
+    def __init__(self, owner: T) -> None:
+        self.owner = owner
 
 
 class FlushTimer:

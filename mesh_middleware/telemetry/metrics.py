@@ -26,10 +26,9 @@ from itertools import groupby, repeat, starmap
 from operator import itemgetter
 from typing import Any, Final
 
-from mypy_extensions import mypyc_attr
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from mesh_middleware.telemetry.flush_timer import FlushTimer
+from mesh_middleware.telemetry.flush_timer import FlushTimer, Handle
 
 __all__ = [
     "ALL_FLAGS",
@@ -281,7 +280,7 @@ class _Flusher:
         return []
 
 
-_RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
+_RECORDERS: weakref.WeakSet[Handle[RequestMetrics]] = weakref.WeakSet()
 _FLUSH_SECONDS = 1.0
 _MAX_NOTED_REQUESTS = 256  # requests noted before they are tallied without waiting
 
@@ -289,8 +288,8 @@ _MAX_NOTED_REQUESTS = 256  # requests noted before they are tallied without wait
 def flush_pending() -> None:
     """Fold every recorder's pending tallies into the metrics (scrapes do it by themselves;
     with several worker processes each worker also does it at least once a second)."""
-    for recorder in list(_RECORDERS):
-        recorder.flush()
+    for handle in list(_RECORDERS):
+        handle.owner.flush()
     _DECISIONS.flush()
 
 
@@ -300,7 +299,8 @@ atexit.register(flush_pending)
 
 def _after_fork_in_child() -> None:
     # A forked worker starts with nothing pending and no timer (threads do not survive fork).
-    for recorder in list(_RECORDERS):
+    for handle in list(_RECORDERS):
+        recorder = handle.owner
         recorder._lock = threading.Lock()
         recorder._noted = deque()
         recorder._timer.forget()
@@ -442,8 +442,6 @@ _Children = tuple[
 ]
 
 
-# An ordinary Python class, even compiled: flush_pending holds recorders by weak reference.
-@mypyc_attr(native_class=False)
 class RequestMetrics:
     """Records requests into the four request metrics for one reporter.
 
@@ -457,9 +455,9 @@ class RequestMetrics:
     """
 
     __slots__ = (
-        "__weakref__",
         "_children",
         "_families",
+        "_handle",
         "_lock",
         "_max",
         "_max_overflow",
@@ -490,7 +488,8 @@ class RequestMetrics:
         self._noted: deque[tuple[_LabelKey, float, int | float, int | float]] = deque()
         self._lock = threading.Lock()
         self._timer = FlushTimer(_FLUSH_SECONDS)
-        _RECORDERS.add(self)
+        self._handle = Handle(self)
+        _RECORDERS.add(self._handle)
 
     def record(
         self,
