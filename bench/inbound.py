@@ -417,6 +417,9 @@ def mesh_version() -> str:
     return __version__
 
 
+PURE_PYTHON_ENV = "MESH_MIDDLEWARE_PURE_PYTHON"
+
+
 def request_path_build() -> str:
     """How the servers' request path runs: compiled by the install (setup.py), or its source."""
     from mesh_middleware import _compiled
@@ -698,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
                 f" python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}",
                 file=out,
             )
+            if request_path_build() != "compiled (mypyc)":
+                print(
+                    "  NOTE: the servers run the mesh's Python source (an install without a C"
+                    f" compiler, or {PURE_PYTHON_ENV} set): the bars are for the compiled build",
+                    file=out,
+                )
             print(
                 f"server on CPU {SERVER_CPU}, wrk on CPU {CLIENT_CPU}, {CONNECTIONS} connections, "
                 f"{args.rounds} rounds x {args.seconds} s, warm-up {args.warmup} s",
