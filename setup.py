@@ -52,6 +52,10 @@ def compiled_extensions() -> list[Extension]:
     except ImportError:
         print("setup.py: mypyc is not available; building pure Python", file=sys.stderr)
         return []
+    mapped = ROOT / "mesh_middleware" / "adapters"
+    if not mapped.exists() and (ROOT / "adapters").is_dir():
+        # An sdist leaves out the link through which mypyc names mesh_middleware.adapters.
+        mapped.symlink_to(Path("..") / "adapters")
     sources: dict[str, Path] = LISTING["source_files"](ROOT)
     relative = [str(path.relative_to(ROOT)) for path in sources.values()]
     try:
