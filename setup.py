@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 LISTING = runpy.run_path(str(ROOT / "mesh_middleware" / "_compiled.py"))
-DIGESTS = ROOT / "mesh_middleware" / "_compiled_sources.py"
+SOURCES: dict[str, Path] = LISTING["source_files"](ROOT)
 
 # mypyc type-checks what it compiles. The build runs in an isolated environment without the
 # package's dependencies, so their types are unknown (Any) there; the strict settings of
@@ -29,19 +30,37 @@ DIGESTS = ROOT / "mesh_middleware" / "_compiled_sources.py"
 _MYPYC_OPTIONS = ["--config-file", str(ROOT / "mypyc.ini")]
 
 
-def _write_digests(sources: dict[str, Path]) -> None:
+def _write_digests(target: Path) -> None:
     lines = [
         '"""Written by setup.py: the SHA-256 of each source compiled by mypyc in this build."""',
         "",
         "DIGESTS = {",
         *(
             f"    {name!r}: {hashlib.sha256(path.read_bytes()).hexdigest()!r},"
-            for name, path in sources.items()
+            for name, path in SOURCES.items()
         ),
         "}",
         "",
     ]
-    DIGESTS.write_text("\n".join(lines))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines))
+
+
+class BuildExtensions(build_ext):
+    """Builds the extensions, then records the digests of their sources where the built
+    package looks for them: in the wheel, and in the source tree of an editable install.
+    (Only here: an sdist, or any other command, must not vouch for extensions it did not build.)
+    """
+
+    def run(self) -> None:
+        super().run()
+        if not self.extensions:
+            return
+        roots = [Path(self.build_lib)]
+        if self.inplace or self.editable_mode:
+            roots.append(ROOT)
+        for root in roots:
+            _write_digests(root / "mesh_middleware" / "_compiled_sources.py")
 
 
 def compiled_extensions() -> list[Extension]:
@@ -56,8 +75,7 @@ def compiled_extensions() -> list[Extension]:
     if not mapped.exists() and (ROOT / "adapters").is_dir():
         # An sdist leaves out the link through which mypyc names mesh_middleware.adapters.
         mapped.symlink_to(Path("..") / "adapters")
-    sources: dict[str, Path] = LISTING["source_files"](ROOT)
-    relative = [str(path.relative_to(ROOT)) for path in sources.values()]
+    relative = [str(path.relative_to(ROOT)) for path in SOURCES.values()]
     try:
         extensions = mypycify(
             [*_MYPYC_OPTIONS, *relative], opt_level="3", group_name="mesh_middleware"
@@ -67,8 +85,7 @@ def compiled_extensions() -> list[Extension]:
         return []
     for extension in extensions:
         extension.optional = True  # a failed C compile leaves the pure-Python package
-    _write_digests(sources)
     return extensions
 
 
-setup(ext_modules=compiled_extensions())
+setup(ext_modules=compiled_extensions(), cmdclass={"build_ext": BuildExtensions})
