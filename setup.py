@@ -11,8 +11,6 @@ that digest (an editable checkout edited since) makes the package run the source
 
 from __future__ import annotations
 
-import hashlib
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -35,10 +33,7 @@ def _write_digests(target: Path) -> None:
         '"""Written by setup.py: the SHA-256 of each source compiled by mypyc in this build."""',
         "",
         "DIGESTS = {",
-        *(
-            f"    {name!r}: {hashlib.sha256(path.read_bytes()).hexdigest()!r},"
-            for name, path in SOURCES.items()
-        ),
+        *(f"    {name!r}: {LISTING['source_digest'](path)!r}," for name, path in SOURCES.items()),
         "}",
         "",
     ]
@@ -64,7 +59,7 @@ class BuildExtensions(build_ext):
 
 
 def compiled_extensions() -> list[Extension]:
-    if os.environ.get(LISTING["PURE_PYTHON_ENV"], "") not in ("", "0"):
+    if LISTING["pure_python_wanted"]():
         return []
     try:
         from mypyc.build import mypycify

@@ -21,8 +21,8 @@ from mesh_middleware.errors import RepeatedHeader
 from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body
-from mesh_middleware.inbound.telemetry import InboundTelemetry, RequestRecord, admission_flags
-from mesh_middleware.runtime.context import current_deadline, current_trace, deadline_from_header
+from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
+from mesh_middleware.runtime.context import current_deadline, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
@@ -266,7 +266,7 @@ class MeshMiddleware:
         if kind == "http" and scope.get("path") == settings.metrics_path:
             await _serve_metrics(raw_headers, send)  # public, as Prometheus has no identity
             return
-        record = RequestRecord(telemetry, traceparent, tracestate, request_id, method)
+        record = telemetry.begin(traceparent, tracestate, request_id, method)
         answer = _Answer(send)
         entry_root = root = scope.get("root_path", "")
         flags = metrics.NO_FLAGS
@@ -320,7 +320,7 @@ class MeshMiddleware:
             finally:
                 current_deadline.reset(deadline_token)
         finally:
-            current_trace.reset(record.token)  # the request's trace is no longer current
+            telemetry.leave(record)  # the request's trace is no longer current
             # The route the app matched, as its template (`/items/{item}`), never the raw
             # path. Under a `Mount` the router adds the mount point to root_path: it is part
             # of the route.

@@ -417,9 +417,6 @@ def mesh_version() -> str:
     return __version__
 
 
-PURE_PYTHON_ENV = "MESH_MIDDLEWARE_PURE_PYTHON"
-
-
 def request_path_build() -> str:
     """How the servers' request path runs: compiled by the install (setup.py), or its source."""
     from mesh_middleware import _compiled
@@ -702,9 +699,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=out,
             )
             if request_path_build() != "compiled (mypyc)":
+                from mesh_middleware import _compiled
+
                 print(
                     "  NOTE: the servers run the mesh's Python source (an install without a C"
-                    f" compiler, or {PURE_PYTHON_ENV} set): the bars are for the compiled build",
+                    f" compiler, or {_compiled.PURE_PYTHON_ENV} set): the bars are for the"
+                    " compiled build",
                     file=out,
                 )
             print(

@@ -28,7 +28,15 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED_MODULES", "PURE_PYTHON_ENV", "compiled", "source_files", "stale_modules"]
+__all__ = [
+    "COMPILED_MODULES",
+    "PURE_PYTHON_ENV",
+    "compiled",
+    "pure_python_wanted",
+    "source_digest",
+    "source_files",
+    "stale_modules",
+]
 
 COMPILED_MODULES = (
     "mesh_middleware.adapters.asgi",
@@ -65,6 +73,16 @@ def source_files(root: Path | None = None) -> dict[str, Path]:
     return found
 
 
+def pure_python_wanted() -> bool:
+    """Whether :data:`PURE_PYTHON_ENV` asks for the source (at install, or at run time)."""
+    return os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+
+
+def source_digest(source: Path) -> str:
+    """What the build records of a compiled module's source, and what it is checked against."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def _extension(source: Path) -> Path | None:
     for suffix in _EXTENSION_SUFFIXES:
         candidate = source.with_name(source.stem + suffix)
@@ -90,7 +108,7 @@ def stale_modules(root: Path | None = None, digests: dict[str, str] | None = Non
         if _extension(source) is None:
             continue
         try:
-            digest = hashlib.sha256(source.read_bytes()).hexdigest()
+            digest = source_digest(source)
         except OSError:  # an install without the sources: nothing to compare
             continue
         if built.get(name) != digest:
@@ -125,7 +143,7 @@ def _choose() -> None:
     global _compiled
     if _compiled is not None:
         return
-    wanted = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+    wanted = pure_python_wanted()
     built = any(_extension(source) is not None for source in source_files().values())
     stale = stale_modules() if built and not wanted else []
     if stale:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ def test_every_module_listed_for_compiling_has_its_source_here() -> None:
 
 def test_the_install_compiled_the_request_path() -> None:
     """./dev installs with mypyc: a build that quietly fell back to Python is a failure here."""
-    if os.environ.get(_compiled.PURE_PYTHON_ENV, "") not in ("", "0"):
+    if _compiled.pure_python_wanted():
         assert not _compiled.compiled()
         return
     assert _compiled.compiled(), "the request path is not compiled: see .venv/install.log"
@@ -40,7 +39,7 @@ def test_an_edited_source_makes_its_compiled_module_stale(tmp_path: Path) -> Non
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_text("x = 1\n")
         source.with_name(source.stem + EXTENSION_SUFFIXES[0]).write_bytes(b"")
-    digests = {name: hashlib.sha256(b"x = 1\n").hexdigest() for name in sources}
+    digests = {name: _compiled.source_digest(path) for name, path in sources.items()}
     assert _compiled.stale_modules(tmp_path, digests) == []
     edited = "mesh_middleware.inbound.engine"
     sources[edited].write_text("x = 2\n")
