@@ -298,6 +298,7 @@ class MeshMiddleware:
                 path = admission.path
             if admission.status is not None or admission.delay:
                 flags = admission_flags(admission)
+                telemetry.judged(admission, method, path)
             if admission.delay:
                 await anyio.sleep(admission.delay)
             if admission.status is not None:

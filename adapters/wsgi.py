@@ -260,6 +260,8 @@ class MeshWSGIMiddleware:
                 admission = self._admit_after_refetch(admission, method, raw_path, token, headers)
             caller = admission.caller
             flags = admission_flags(admission)
+            if admission.status is not None or admission.delay:
+                telemetry.judged(admission, method, raw_path)
             if admission.delay:
                 time.sleep(admission.delay)
             if admission.status is not None:

@@ -7,6 +7,7 @@ the policy's ``telemetry:`` section and are compiled once per policy object.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -237,6 +238,38 @@ class InboundTelemetry:
                 if request_id
                 else trace_id,
             )
+
+    def judged(self, admission: Admission, method: str, path: str) -> None:
+        """The engine refused the request or injected a fault into it: tell the registry
+        (its dashboard lists denials with their rule, and counts faults per edge). Called
+        only then, never for a request that simply goes through."""
+        reporter = self._reporter()
+        if reporter is None:
+            return
+        service = self._state()[0].service
+        caller = admission.caller
+        source = caller.service if caller is not None else ANONYMOUS
+        status = admission.status
+        aborted = status is not None and admission.fault is not None
+        if admission.delay:
+            reporter.faulted(source, service, abort=False)
+        if aborted:
+            reporter.faulted(source, service, abort=True)
+        elif status is not None and 400 <= status < 500:
+            decision = admission.decision
+            if decision is not None:
+                rule, line, reason = decision.rule, decision.line, decision.reason
+            else:
+                rule, line, reason = None, None, _reason(admission.body)
+            reporter.denied(source, method, path, status, rule, line, reason)
+
+
+def _reason(body: bytes) -> str:
+    try:
+        reason = json.loads(body).get("reason")
+    except (ValueError, AttributeError):
+        return ""
+    return reason if isinstance(reason, str) else ""
 
 
 def admission_flags(admission: Admission) -> str:

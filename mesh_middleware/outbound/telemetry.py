@@ -67,7 +67,11 @@ class OutboundTelemetry:
 
     def retried(self, call: Call, reason: str) -> None:
         """Count a retry (``reason``: the status code or the failure's name)."""
-        metrics.count_retry(self._policy().service, call.destination.service, reason)
+        source, destination = self._policy().service, call.destination.service
+        metrics.count_retry(source, destination, reason)
+        reporter = self._reporter()
+        if reporter is not None:
+            reporter.retried(source, destination)
 
     def finished(
         self,

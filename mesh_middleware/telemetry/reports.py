@@ -16,6 +16,11 @@ is dropped and counted, since sending it again would not help::
     reporter.record("orders", "inventory", 200, 0.012)   # per request
     reporter.tick()                                      # per background tick
     reporter.tick(force=True)                            # at shutdown: send what is left
+
+Requests the mesh refused, faults it injected and retries it made are rarer and are reported
+beside the edges (:meth:`EdgeReporter.denied`, :meth:`EdgeReporter.faulted`,
+:meth:`EdgeReporter.retried`): the newest ``MAX_REPORT_DENIALS`` denials of a window, and per
+edge the counts of aborts, delays and retries. The registry's dashboard shows them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from mesh_middleware.telemetry.wire import (
     ANONYMOUS,
     EDGE_NAME,
     LATENCY_BUCKETS,
+    MAX_DENIAL_PATH,
+    MAX_DENIAL_REASON,
+    MAX_REPORT_DENIALS,
     MAX_REPORT_EDGES,
     STATUS_CLASSES,
 )
@@ -73,6 +81,8 @@ _ERROR = _N_CLASSES - 1
 # status // 100 -> index of its class; anything outside 100..599 is an "error" (no answer).
 _CLASS_OF = (_ERROR, 0, 1, 2, 3, 4)
 _MAX_SECONDS = 3600.0
+# Per edge, what the mesh itself did: [aborts injected, delays injected, retries].
+_ABORT, _DELAY, _RETRY = 0, 1, 2
 
 
 class EdgeReporter:
@@ -111,6 +121,8 @@ class EdgeReporter:
         self._lock = threading.Lock()  # the aggregates, and their swap
         self._sending = threading.Lock()  # the queue, and one tick at a time
         self._edges: dict[tuple[str, str], list[Any]] = {}
+        self._actions: dict[tuple[str, str], list[int]] = {}
+        self._denials: deque[dict[str, Any]] = deque(maxlen=MAX_REPORT_DENIALS)
         self._window_started = clock()
         self._window_started_wall = wall_clock()
         # Queued reports with the monotonic time their window ended (to send their age).
@@ -126,6 +138,8 @@ class EdgeReporter:
                 reporter._lock = threading.Lock()
                 reporter._sending = threading.Lock()
                 reporter._edges = {}
+                reporter._actions = {}
+                reporter._denials = deque(maxlen=MAX_REPORT_DENIALS)
                 reporter._pending = deque()
                 reporter._window_started = reporter._clock()
                 reporter._window_started_wall = reporter._wall_clock()
@@ -157,6 +171,55 @@ class EdgeReporter:
         except Exception:  # never let telemetry break a request
             pass
 
+    def denied(
+        self,
+        source: str,
+        method: str,
+        path: str,
+        status: int,
+        rule: str | None,
+        line: int | None,
+        reason: str,
+    ) -> None:
+        """Remember one request this service refused (``source``: the caller, or
+        ``"anonymous"``); the newest :data:`MAX_REPORT_DENIALS` of a window are reported."""
+        try:
+            denial = {
+                "at": round(self._wall_clock(), 3),
+                "source": source,
+                "method": method[:16],
+                "path": path[:MAX_DENIAL_PATH],
+                "status": status,
+                "rule": rule,
+                "line": line,
+                "reason": reason[:MAX_DENIAL_REASON],
+            }
+            with self._lock:
+                self._denials.append(denial)
+        except Exception:  # never let telemetry break a request
+            pass
+
+    def faulted(self, source: str, destination: str, *, abort: bool) -> None:
+        """Count a fault injected on the edge: an abort, or else a delay."""
+        self._count_action(source, destination, _ABORT if abort else _DELAY)
+
+    def retried(self, source: str, destination: str) -> None:
+        """Count a retry the source made on the edge."""
+        self._count_action(source, destination, _RETRY)
+
+    def _count_action(self, source: str, destination: str, index: int) -> None:
+        try:
+            key = (source, destination)
+            with self._lock:
+                counts = self._actions.get(key)
+                if counts is None:
+                    if len(self._actions) >= self.max_edges:
+                        return
+                    counts = self._actions[key] = [0, 0, 0]
+                counts[index] += 1
+        except Exception:  # never let telemetry break a request
+            pass
+
     # -- the background ----------------------------------------------------------------------
 
     def flush(self) -> dict[str, Any] | None:
@@ -164,10 +227,16 @@ class EdgeReporter:
         now, wall = self._clock(), self._wall_clock()
         with self._lock:
             edges, self._edges = self._edges, {}
+            actions, self._actions = self._actions, {}
+            denials, self._denials = self._denials, deque(maxlen=MAX_REPORT_DENIALS)
             started, started_wall = self._window_started, self._window_started_wall
             self._window_started, self._window_started_wall = now, wall
         out: list[dict[str, Any]] = []
         left_out = 0
+        for key in actions.keys() - edges.keys():  # the request itself ended in the next window
+            if len(edges) >= self.max_edges:
+                break
+            edges[key] = [0] * _SUM + [0.0]
         for (source, destination), edge in edges.items():
             valid = (source == self.service or destination == self.service) and (
                 EDGE_NAME.match(source) is not None and EDGE_NAME.match(destination) is not None
@@ -175,30 +244,39 @@ class EdgeReporter:
             if not valid:
                 left_out += sum(edge[:_N_CLASSES])
                 continue
-            out.append(
-                {
-                    "source": source,
-                    "destination": destination,
-                    "counts": {name: edge[i] for i, name in enumerate(STATUS_CLASSES) if edge[i]},
-                    "latency": {
-                        "buckets": list(LATENCY_BUCKETS),
-                        "counts": edge[_N_CLASSES:_SUM],
-                        "sum": round(edge[_SUM], 6),
-                    },
-                }
-            )
+            entry: dict[str, Any] = {
+                "source": source,
+                "destination": destination,
+                "counts": {name: edge[i] for i, name in enumerate(STATUS_CLASSES) if edge[i]},
+                "latency": {
+                    "buckets": list(LATENCY_BUCKETS),
+                    "counts": edge[_N_CLASSES:_SUM],
+                    "sum": round(edge[_SUM], 6),
+                },
+            }
+            counts = actions.get((source, destination))
+            if counts is not None:
+                if counts[_ABORT] or counts[_DELAY]:
+                    entry["faults"] = {"abort": counts[_ABORT], "delay": counts[_DELAY]}
+                if counts[_RETRY]:
+                    entry["retries"] = counts[_RETRY]
+            out.append(entry)
         if left_out:
             self.dropped_edges += left_out
             self._edges_dropped.inc(left_out)
-        if not out:
+        reported = [d for d in denials if EDGE_NAME.match(d["source"]) is not None]
+        if not out and not reported:
             return None
-        return {
+        report: dict[str, Any] = {
             "reporter": self.service,
             "instance": self.instance,
             "window_start": round(started_wall, 3),
             "window_seconds": round(max(now - started, 0.0), 3),
             "edges": out,
         }
+        if reported:
+            report["denials"] = reported
+        return report
 
     def tick(self, *, force: bool = False) -> None:
         """Flush when ``interval`` has passed (or ``force``), then send what is queued, oldest

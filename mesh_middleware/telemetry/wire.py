@@ -12,6 +12,9 @@ __all__ = [
     "EDGE_NAME",
     "EDGE_NAME_PATTERN",
     "LATENCY_BUCKETS",
+    "MAX_DENIAL_PATH",
+    "MAX_DENIAL_REASON",
+    "MAX_REPORT_DENIALS",
     "MAX_REPORT_EDGES",
     "STATUS_CLASSES",
 ]
@@ -35,3 +38,10 @@ EDGE_NAME_PATTERN = r"^[A-Za-z0-9._:\[\]-]{1,253}$"
 EDGE_NAME = re.compile(EDGE_NAME_PATTERN)
 """An edge's source or destination: a service name, or a host (``host``, ``host:port``,
 ``[v6]:port``) for a destination outside the mesh."""
+
+MAX_REPORT_DENIALS = 50
+"""Denials one report may carry (the reporter keeps the newest; the registry refuses more)."""
+
+MAX_DENIAL_PATH = 512
+MAX_DENIAL_REASON = 256
+"""Lengths a denial's path and reason are cut to before they are reported."""

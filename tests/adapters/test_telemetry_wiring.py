@@ -22,6 +22,7 @@ from mesh_middleware import Mesh, MeshMiddleware, MeshWSGIMiddleware
 from mesh_middleware.policy.compiled import compile_policy_text
 from mesh_middleware.runtime.context import current_span
 from mesh_middleware.telemetry import log_context
+from mesh_middleware.telemetry.reports import EdgeReporter
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -295,10 +296,15 @@ def test_outbound_calls_are_counted_by_the_source_with_their_retries() -> None:
         destination_service="callee",
         reason="503",
     )
+    reporter = mesh.reporter = EdgeReporter(lambda body: None, service="caller")
     transport = MeshTransport(mesh, transport=httpx.MockTransport(upstream))
     with httpx.Client(transport=transport) as client:
         assert client.get("http://callee/x").content == b"fine"
     assert sample("mesh_requests_total", **labels) == before + 1
+    report = reporter.flush()
+    assert report is not None
+    [edge] = report["edges"]
+    assert (edge["source"], edge["destination"], edge["retries"]) == ("caller", "callee", 1)
     assert (
         sample(
             "mesh_outbound_retries_total",
@@ -311,4 +317,68 @@ def test_outbound_calls_are_counted_by_the_source_with_their_retries() -> None:
     first, second = attempts
     assert first.split("-")[1] == second.split("-")[1]  # one trace
     assert first.split("-")[2] != second.split("-")[2]  # a span per try
+    mesh.close()
+
+
+# -- what the registry's dashboard is told: denials with their rule, faults ---------------------
+
+JUDGED_RULES = (
+    "  authorization:\n    rules:\n"
+    "      - {name: no-admin, action: deny, paths: [/admin*]}\n"
+    "      - {name: anyone, action: allow}\n"
+    "  faults:\n"
+    "    - {name: slow, match: {paths: [/slow*]}, delay: {duration: 1ms, percent: 100}}\n"
+    "    - {name: broken, match: {paths: [/broken*]}, abort: {status: 503, percent: 100}}\n"
+)
+
+
+def _judged(report: dict[str, Any] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    assert report is not None
+    [edge] = report["edges"]
+    return report["denials"], edge
+
+
+def test_denials_and_faults_are_reported_by_the_asgi_middleware() -> None:
+    mesh = Mesh(compile_policy_text(policy("judged", rules=JUDGED_RULES)), watch=False)
+    reporter = mesh.reporter = EdgeReporter(lambda body: None, service="judged")
+    app = MeshMiddleware(starlette_app([]), mesh=mesh)
+    with InProcessClient(app, base_url="http://judged") as client:
+        assert client.get("/admin/x").status_code == 403
+        assert client.get("/items/1").status_code == 200  # not reported beyond its edge
+        assert client.get("/broken/1").status_code == 503
+        assert client.get("/slow/1").status_code == 404
+    denials, edge = _judged(reporter.flush())
+    assert [(d["source"], d["method"], d["path"], d["status"], d["rule"]) for d in denials] == [
+        ("anonymous", "GET", "/admin/x", 403, "no-admin")
+    ]
+    assert denials[0]["line"] is not None and "no-admin" in denials[0]["reason"]
+    assert edge["faults"] == {"abort": 1, "delay": 1}
+    mesh.close()
+
+
+def test_denials_and_faults_are_reported_by_the_wsgi_middleware() -> None:
+    flask_app = Flask("judged_flask")
+
+    @flask_app.get("/items/<item>")
+    def item(item: str) -> dict[str, str]:
+        return {"item": item}
+
+    mesh = Mesh(
+        compile_policy_text(policy("judged", rules=JUDGED_RULES).replace("permissive", "strict")),
+        watch=False,
+    )
+    reporter = mesh.reporter = EdgeReporter(lambda body: None, service="judged")
+    flask_app.wsgi_app = MeshWSGIMiddleware(flask_app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    client = flask_app.test_client()
+    for path, status in (("/items/1", 401), ("/broken/1", 401)):
+        answer = client.get(path)
+        assert answer.status_code == status
+        answer.close()
+    denials, edge = _judged(reporter.flush())
+    assert [(d["path"], d["status"], d["rule"]) for d in denials] == [
+        ("/items/1", 401, None),
+        ("/broken/1", 401, None),
+    ]
+    assert "identity" in denials[0]["reason"]
+    assert "faults" not in edge  # refused before any fault was rolled
     mesh.close()

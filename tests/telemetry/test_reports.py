@@ -15,7 +15,13 @@ from prometheus_client import REGISTRY
 
 from mesh_middleware.runtime.registry_client import RegistryRefused, RegistryUnavailable
 from mesh_middleware.telemetry.reports import EdgeReporter
-from mesh_middleware.telemetry.wire import LATENCY_BUCKETS, MAX_REPORT_EDGES
+from mesh_middleware.telemetry.wire import (
+    LATENCY_BUCKETS,
+    MAX_DENIAL_PATH,
+    MAX_DENIAL_REASON,
+    MAX_REPORT_DENIALS,
+    MAX_REPORT_EDGES,
+)
 
 
 class Clock:
@@ -390,3 +396,58 @@ def test_memory_stays_flat_while_the_registry_is_down_for_long() -> None:
     assert reporter.pending == 6
     assert reporter.dropped_reports == 2300 - 6
     assert reporter.dropped_edges == 2300 * 30
+
+
+# -- what the mesh did: denials, faults, retries ------------------------------------------------
+
+
+def test_denials_faults_and_retries_ride_with_the_edges() -> None:
+    wall = Clock(1_800_000_000.0)
+    reporter = EdgeReporter(Sender(), service="inventory", wall_clock=wall)
+    reporter.record("gateway", "inventory", 403, 0.001)
+    reporter.denied("gateway", "POST", "/reserve", 403, "only-orders-reserve", 26, "denied by rule")
+    reporter.faulted("orders", "inventory", abort=True)
+    reporter.faulted("orders", "inventory", abort=False)
+    reporter.faulted("orders", "inventory", abort=False)
+    reporter.retried("inventory", "payments")  # the retried call ends in the next window
+    report = reporter.flush()
+    assert report is not None
+    edges = {(e["source"], e["destination"]): e for e in report["edges"]}
+    assert "faults" not in edges[("gateway", "inventory")]
+    assert edges[("orders", "inventory")]["faults"] == {"abort": 1, "delay": 2}
+    assert edges[("orders", "inventory")]["counts"] == {}
+    assert edges[("inventory", "payments")]["retries"] == 1
+    assert sum(edges[("inventory", "payments")]["latency"]["counts"]) == 0
+    assert report["denials"] == [
+        {
+            "at": 1_800_000_000.0,
+            "source": "gateway",
+            "method": "POST",
+            "path": "/reserve",
+            "status": 403,
+            "rule": "only-orders-reserve",
+            "line": 26,
+            "reason": "denied by rule",
+        }
+    ]
+    assert reporter.flush() is None  # all of it was swapped out
+
+
+def test_only_the_newest_denials_are_kept_and_long_fields_are_cut() -> None:
+    reporter = EdgeReporter(Sender(), service="inventory")
+    for i in range(MAX_REPORT_DENIALS + 20):
+        reporter.denied("anonymous", "GET", f"/{i}", 401, None, None, "x" * 1000)
+    reporter.denied("anonymous", "GET", "/" + "p" * 5000, 401, None, None, "")
+    report = reporter.flush()
+    assert report is not None and report["edges"] == []
+    denials = report["denials"]
+    assert len(denials) == MAX_REPORT_DENIALS
+    assert denials[0]["path"] == "/21"  # the oldest 21 made room
+    assert len(denials[0]["reason"]) == MAX_DENIAL_REASON
+    assert len(denials[-1]["path"]) == MAX_DENIAL_PATH
+
+
+def test_a_denial_from_a_caller_name_that_cannot_be_reported_is_left_out() -> None:
+    reporter = EdgeReporter(Sender(), service="inventory")
+    reporter.denied("not a name", "GET", "/", 403, None, None, "")
+    assert reporter.flush() is None
