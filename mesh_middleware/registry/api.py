@@ -33,7 +33,7 @@ from mesh_middleware.registry.models import (
 from mesh_middleware.registry.store import InstanceRecord
 from mesh_middleware.registry.telemetry import Telemetry, TelemetryReport
 
-__all__ = ["ApiError", "RegistryState", "routes"]
+__all__ = ["ApiError", "RegistryState", "can_read", "guarded", "routes"]
 
 log = structlog.get_logger("mesh.registry")
 
@@ -58,6 +58,7 @@ class RegistryState:
     keys: KeyRing
     join_tokens: JoinTokens
     admin: AdminToken
+    viewer: AdminToken
     dev: bool
     store_url: str
     # One encoded answer per (service, healthy filter): replaced when the index moves.
@@ -87,6 +88,19 @@ def _require_admin(request: Request) -> None:
         raise ApiError(401, "unauthenticated", "the admin token is required")
     if not _state(request).admin.matches(token):
         raise ApiError(401, "unauthenticated", "not the admin token")
+
+
+def can_read(state: RegistryState, token: str | None) -> bool:
+    """Whether ``token`` may read what the dashboard shows: the admin or the viewer token."""
+    return token is not None and (state.admin.matches(token) or state.viewer.matches(token))
+
+
+def _require_reader(request: Request) -> None:
+    token = _bearer(request)
+    if token is None:
+        raise ApiError(401, "unauthenticated", "the admin or the viewer token is required")
+    if not can_read(_state(request), token):
+        raise ApiError(401, "unauthenticated", "neither the admin nor the viewer token")
 
 
 def _caller_service(request: Request, *, dev_service: str | None) -> str:
@@ -410,6 +424,14 @@ async def telemetry_topology(request: Request) -> Response:
     )
 
 
+async def telemetry_denials(request: Request) -> Response:
+    # Callers and paths of refused requests: for the operators, not for every meshed app.
+    _require_reader(request)
+    state = _state(request)
+    window = _telemetry_window(request.query_params.get("window") or "300s")
+    return _json({"window_seconds": window, "denials": state.telemetry.denials(window)})
+
+
 def _telemetry_window(value: str | None) -> float:
     """The window asked for (default 60s), rounded up to whole 10-second buckets."""
     if value is None:
@@ -462,7 +484,9 @@ def _json(body: Any, *, status: int = 200, index: int | None = None) -> JSONResp
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _guarded(name: str, handler: Handler) -> Handler:
+def guarded(name: str, handler: Handler) -> Handler:
+    """``handler`` with its refusals and failures answered as JSON, and counted."""
+
     async def run(request: Request) -> Response:
         try:
             response = await handler(request)
@@ -502,9 +526,10 @@ def routes() -> list[Route]:
         ("/v1/telemetry/reports", telemetry_report, ["POST"], "telemetry_report"),
         ("/v1/telemetry/services", telemetry_services, ["GET"], "telemetry_services"),
         ("/v1/telemetry/topology", telemetry_topology, ["GET"], "telemetry_topology"),
+        ("/v1/telemetry/denials", telemetry_denials, ["GET"], "telemetry_denials"),
         ("/healthz", healthz, ["GET"], "healthz"),
     ]
     return [
-        Route(path, _guarded(name, handler), methods=methods, name=name)
+        Route(path, guarded(name, handler), methods=methods, name=name)
         for path, handler, methods, name in table
     ]

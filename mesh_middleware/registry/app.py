@@ -16,6 +16,7 @@ from starlette.routing import Route
 from mesh_middleware.registry import metrics, settings
 from mesh_middleware.registry.api import RegistryState, routes
 from mesh_middleware.registry.catalog import Catalog
+from mesh_middleware.registry.dashboard import Dashboard
 from mesh_middleware.registry.health import HealthChecker
 from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
 from mesh_middleware.registry.openapi import openapi_document
@@ -44,6 +45,7 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
         ),
         join_tokens=JoinTokens(store),
         admin=AdminToken(config.data_dir / "admin.token"),
+        viewer=AdminToken(config.data_dir / "viewer.token", prefix="mvt_"),
         dev=config.dev,
         store_url=store.url,
     )
@@ -77,6 +79,7 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
         exception_handlers={404: refused, 405: refused},
         routes=[
             *routes(),
+            *Dashboard(state).routes(),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],

@@ -174,16 +174,20 @@ class JoinTokens:
 
 
 class AdminToken:
-    """The management credential: created at first start, stored 0600, shown once."""
+    """A registry credential kept in a file: created at first start, stored 0600, shown once.
 
-    def __init__(self, path: Path) -> None:
+    The admin token (``admin.token``, prefix ``mat_``) manages the registry; the read-only
+    viewer token (``viewer.token``, prefix ``mvt_``) opens the dashboard and nothing else.
+    """
+
+    def __init__(self, path: Path, prefix: str = "mat_") -> None:
         self.path = path
         self.created = False
         if path.exists():
             self._hash = hash_secret(path.read_text().strip())
             return
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token = "mat_" + secrets.token_urlsafe(32)
+        token = prefix + secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")

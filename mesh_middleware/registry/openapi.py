@@ -181,6 +181,15 @@ def openapi_document() -> dict[str, Any]:
                 "responses": _answers(200, 400),
             }
         },
+        "/v1/telemetry/denials": {
+            "get": {
+                "summary": "Requests the services refused, newest first, with the rule that "
+                "decided (admin or viewer token)",
+                "security": _BEARER,
+                "parameters": [_WINDOW],
+                "responses": _answers(200, 400, 401),
+            }
+        },
         "/healthz": {
             "get": {"summary": "Liveness, dev mode, store, index", "responses": _answers(200)}
         },

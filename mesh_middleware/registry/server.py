@@ -30,11 +30,20 @@ def serve(config: RegistrySettings) -> int:
             "  management calls (mesh token create) need it: MESH_ADMIN_TOKEN or --admin-token",
             file=out,
         )
+    if state.viewer.created:
+        print(
+            f"mesh registry: created the read-only viewer token (kept in {state.viewer.path}):\n"
+            f"  {state.viewer.token_shown_once}\n"
+            "  it (or the admin token) opens the dashboard",
+            file=out,
+        )
     if config.dev:
         print(_DEV_BANNER, file=out)
     print(
         f"mesh registry: http://{config.host}:{config.port}  store {state.store_url}"
-        f"  trust domain {config.trust_domain}",
+        f"  trust domain {config.trust_domain}\n"
+        f"mesh registry: dashboard http://{config.host}:{config.port}/ui/"
+        f"  (sign in with viewer.token or admin.token from {config.data_dir})",
         file=out,
         flush=True,
     )

@@ -10,6 +10,10 @@ a service's golden metrics come from what it reported itself as a destination (w
 else from what its callers saw; an edge's from its source's view (which includes the requests
 that never reached the destination), else from its destination's.
 
+Reports also carry what the mesh did on an edge (faults injected, retries) and the requests
+their reporter refused (denials, with the rule that decided): counts ride in the edges'
+buckets; the newest ``MAX_DENIALS`` denials are kept in a ring, for the dashboard.
+
 Memory is bounded: at most ``max_edges`` (source, destination, reporter) keys and ``max_names``
 distinct names; buckets older than the retention are dropped, and an edge without buckets with
 them. Reports that would go past a cap lose the edges that do not fit (counted).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -34,17 +39,22 @@ from mesh_middleware.telemetry.wire import (
     ANONYMOUS,
     EDGE_NAME_PATTERN,
     LATENCY_BUCKETS,
+    MAX_DENIAL_PATH,
+    MAX_DENIAL_REASON,
+    MAX_REPORT_DENIALS,
     MAX_REPORT_EDGES,
     STATUS_CLASSES,
 )
 
 __all__ = [
     "BUCKET_SECONDS",
+    "MAX_DENIALS",
     "MAX_EDGES",
     "MAX_NAMES",
     "MAX_REPORT_BYTES",
     "MAX_WINDOW_SECONDS",
     "RETENTION_SECONDS",
+    "Denial",
     "EdgeReport",
     "LatencyHistogram",
     "Merged",
@@ -58,6 +68,7 @@ RETENTION_SECONDS = 300.0
 MAX_WINDOW_SECONDS = RETENTION_SECONDS
 MAX_EDGES = 5000
 MAX_NAMES = 2000
+MAX_DENIALS = 200
 MAX_REPORT_BYTES = 2 * 1024 * 1024
 _MAX_COUNT = 10**12
 _MAX_AGE = 86400.0
@@ -115,6 +126,13 @@ class LatencyHistogram(_Body):
         return self
 
 
+class Faults(_Body):
+    """Faults the destination's policy injected on the edge."""
+
+    abort: _Count = 0
+    delay: _Count = 0
+
+
 class EdgeReport(_Body):
     """The requests of one edge ``source -> destination`` during the report's window."""
 
@@ -122,12 +140,27 @@ class EdgeReport(_Body):
     destination: _EdgeName
     counts: Annotated[dict[_StatusClass, _Count], Field(max_length=len(STATUS_CLASSES))]
     latency: LatencyHistogram
+    faults: Faults | None = None
+    retries: Annotated[_Count, Field(description="Retries the source made on the edge.")] = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> EdgeReport:
         if sum(self.counts.values()) != sum(self.latency.counts):
             raise ValueError("the status counts and the latency counts disagree")
         return self
+
+
+class Denial(_Body):
+    """One request the reporter refused (401, 403 or 400), and what decided it."""
+
+    at: Annotated[float, Field(ge=0, le=1e11, description="When, on the reporter's clock.")]
+    source: _EdgeName
+    method: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,16}$")]
+    path: Annotated[str, Field(min_length=1, max_length=MAX_DENIAL_PATH)]
+    status: Annotated[int, Field(ge=400, le=499)]
+    rule: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    line: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    reason: Annotated[str, Field(max_length=MAX_DENIAL_REASON)] = ""
 
 
 class TelemetryReport(_Body):
@@ -142,6 +175,7 @@ class TelemetryReport(_Body):
         Field(ge=0, le=_MAX_AGE, description="Seconds since the window ended, when sent."),
     ] = 0.0
     edges: Annotated[list[EdgeReport], Field(max_length=MAX_REPORT_EDGES)]
+    denials: Annotated[list[Denial], Field(max_length=MAX_REPORT_DENIALS)] = []
 
     @model_validator(mode="after")
     def _own_edges(self) -> TelemetryReport:
@@ -156,10 +190,12 @@ class TelemetryReport(_Body):
 
 # -- the rolling windows -----------------------------------------------------------------------
 
-# One aggregate is a flat list: [1xx, 2xx, 3xx, 4xx, 5xx, error, bucket 0 .. bucket 14, sum].
+# One aggregate is a flat list: [1xx, 2xx, 3xx, 4xx, 5xx, error, bucket 0 .. bucket 14, sum,
+# aborts, delays, retries].
 _N_CLASSES = len(STATUS_CLASSES)
 _N_BUCKETS = len(LATENCY_BUCKETS) + 1
 _SUM = _N_CLASSES + _N_BUCKETS
+_ABORTS, _DELAYS, _RETRIES = _SUM + 1, _SUM + 2, _SUM + 3
 _FAILED = (STATUS_CLASSES.index("5xx"), STATUS_CLASSES.index("error"))
 _QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
@@ -186,6 +222,7 @@ class Telemetry:
         retention: float = RETENTION_SECONDS,
         max_edges: int = MAX_EDGES,
         max_names: int = MAX_NAMES,
+        max_denials: int = MAX_DENIALS,
     ) -> None:
         self._clock = clock
         self.bucket_seconds = bucket_seconds
@@ -197,6 +234,8 @@ class Telemetry:
         self._edges: dict[_Key, dict[int, list[Any]]] = {}
         self._names: dict[str, int] = {}  # name -> edges naming it
         self._pruned_at = self._slot(self._started)
+        # (registry time received, destination, denial), newest last.
+        self._denials: deque[tuple[float, str, Denial]] = deque(maxlen=max_denials)
 
     def _slot(self, at: float) -> int:
         return math.floor(at / self.bucket_seconds)
@@ -234,13 +273,19 @@ class Telemetry:
                     self._names[name] = self._names.get(name, 0) + 1
             agg = slots.get(slot)
             if agg is None:
-                agg = slots[slot] = [0] * _SUM + [0.0]
+                agg = slots[slot] = _empty()
             for name, count in edge.counts.items():
                 agg[STATUS_CLASSES.index(name)] += count
             for i, count in enumerate(edge.latency.counts):
                 agg[_N_CLASSES + i] += count
             agg[_SUM] += edge.latency.sum
+            if edge.faults is not None:
+                agg[_ABORTS] += edge.faults.abort
+                agg[_DELAYS] += edge.faults.delay
+            agg[_RETRIES] += edge.retries
             accepted += 1
+        for denial in sorted(report.denials, key=operator.attrgetter("at")):
+            self._denials.append((at, report.reporter, denial))
         if dropped:
             EDGES_DROPPED.inc(dropped)
         EDGES.set(len(self._edges))
@@ -296,10 +341,51 @@ class Telemetry:
             for slot, agg in slots.items():
                 if slot >= first:
                     if total is None:
-                        total = [0] * _SUM + [0.0]
+                        total = _empty()
                     _add(total, agg)
             if total is not None:
                 out[key] = total
+        return out
+
+    def denials(self, window: float, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest denials received in the last ``window`` seconds, newest first."""
+        since = self._clock() - window
+        out: list[dict[str, Any]] = []
+        for received, destination, denial in reversed(self._denials):
+            if received < since or len(out) >= limit:
+                break
+            out.append({**denial.model_dump(), "destination": destination})
+        return out
+
+    def series(self, wall_now: float) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per edge, over the retention, one point per bucket (oldest first): requests/s,
+        success rate, p50 and p99 (``None`` where there were no requests). ``start`` is the
+        first bucket's start on the wall clock ``wall_now`` reads now."""
+        now = self._clock()
+        self._prune(now)
+        current = self._slot(now)
+        first = current - self._slots_kept + 1
+        start = round(wall_now - (now - first * self.bucket_seconds), 3)
+        by_edge: dict[tuple[str, str], dict[int, list[Any]]] = {}
+        for (source, destination, side), slots in self._edges.items():
+            # The source's view when there is one, as for the edges' golden metrics.
+            if side == "destination" and (source, destination, "source") in self._edges:
+                continue
+            by_edge[(source, destination)] = slots
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, slots in by_edge.items():
+            points: dict[str, list[Any]] = {"rps": [], "success_rate": [], "p50": [], "p99": []}
+            for slot in range(first, current + 1):
+                agg = slots.get(slot)
+                seconds = (
+                    now - slot * self.bucket_seconds if slot == current else self.bucket_seconds
+                )
+                golden = _golden(agg if agg is not None else _empty(), max(seconds, 1.0), None)
+                points["rps"].append(golden["rps"])
+                points["success_rate"].append(golden["success_rate"])
+                points["p50"].append(golden["latency"]["p50"])
+                points["p99"].append(golden["latency"]["p99"])
+            out[key] = {"start": start, "step": self.bucket_seconds, **points}
         return out
 
     def services(
@@ -337,7 +423,13 @@ class Telemetry:
         for source, destination in pairs:
             side = "source" if (source, destination, "source") in totals else "destination"
             agg = totals[(source, destination, side)]
-            edges.append({"source": source, "destination": destination, **_golden(agg, span, side)})
+            golden = _golden(agg, span, side)
+            # Each side knows what it did itself: the destination its faults, the source its
+            # retries.
+            served_view = totals.get((source, destination, "destination"))
+            if served_view is not None:
+                golden["faults"] = {"abort": served_view[_ABORTS], "delay": served_view[_DELAYS]}
+            edges.append({"source": source, "destination": destination, **golden})
         registered = {str(s["name"]): s for s in catalog}
         nodes: list[dict[str, Any]] = []
         for name in sorted(names | registered.keys()):
@@ -364,7 +456,7 @@ class Telemetry:
 
 
 def _empty() -> list[Any]:
-    return [0] * _SUM + [0.0]
+    return [0] * _SUM + [0.0, 0, 0, 0]
 
 
 def _add(total: list[Any], agg: Sequence[Any]) -> None:
@@ -386,6 +478,8 @@ def _golden(agg: Sequence[Any], span: float, reporter: str | None) -> dict[str, 
         "counts": {name: agg[i] for i, name in enumerate(STATUS_CLASSES) if agg[i]},
         "latency": latency,
         "latency_sum": round(agg[_SUM], 6),
+        "faults": {"abort": agg[_ABORTS], "delay": agg[_DELAYS]},
+        "retries": agg[_RETRIES],
         "reporter": reporter,
     }
 

@@ -41,6 +41,10 @@ class Registry:
     def admin_token(self) -> str:
         return (self.data_dir / "admin.token").read_text().strip()
 
+    @property
+    def viewer_token(self) -> str:
+        return (self.data_dir / "viewer.token").read_text().strip()
+
     def admin(self) -> dict[str, str]:
         """The Authorization header carrying the admin token."""
         return bearer(self.admin_token)

@@ -132,6 +132,73 @@ def test_rates_divide_by_the_time_covered() -> None:
     assert 50.0 <= covered <= 60.0  # five whole buckets and the current one's part
 
 
+def _acting(reporter: str, wall: float = 1_800_000_000.0) -> dict[str, Any]:
+    """A report of inventory's with a denial, faults and retries, built by the real reporter."""
+    edges = EdgeReporter(lambda body: None, service=reporter, wall_clock=lambda: wall)
+    edges.record("gateway", "inventory", 403, 0.001)
+    edges.record("orders", "inventory", 503, 0.001)
+    edges.denied("gateway", "POST", "/reserve", 403, "only-orders-reserve", 26, "denied")
+    edges.faulted("orders", "inventory", abort=True)
+    edges.retried("inventory", "payments")
+    body = edges.flush()
+    assert body is not None
+    return body
+
+
+def test_faults_retries_and_denials_are_kept_for_the_dashboard() -> None:
+    """Faults and retries add up per edge and window; denials are kept newest first, within
+    the window asked for, in a bounded ring."""
+    clock = Clock(10_000.0)
+    telemetry = Telemetry(clock=clock, max_denials=3)
+    for _ in range(2):
+        telemetry.merge(TelemetryReport.model_validate(_acting("inventory")))
+    # orders' own view of the edge wins for its golden metrics; the faults are inventory's.
+    telemetry.merge(
+        TelemetryReport.model_validate(report("orders", many("orders", "inventory", 4)))
+    )
+    _, _, edges = telemetry.topology(60, [])
+    faulted = _by([e for e in edges if e["destination"] == "inventory"], "source", "orders")
+    assert (faulted["reporter"], faulted["requests"]) == ("source", 4)
+    assert (faulted["faults"], faulted["retries"]) == ({"abort": 2, "delay": 0}, 0)
+    assert _by(edges, "destination", "payments")["retries"] == 2
+    [denial, _] = telemetry.denials(60)
+    assert denial == {
+        "at": 1_800_000_000.0,
+        "source": "gateway",
+        "destination": "inventory",
+        "method": "POST",
+        "path": "/reserve",
+        "status": 403,
+        "rule": "only-orders-reserve",
+        "line": 26,
+        "reason": "denied",
+    }
+    clock.now += 30
+    for wall in (1.0, 2.0):
+        telemetry.merge(TelemetryReport.model_validate(_acting("inventory", wall)))
+    assert [d["at"] for d in telemetry.denials(300)] == [2.0, 1.0, 1_800_000_000.0]  # ring of 3
+    assert len(telemetry.denials(300, limit=2)) == 2
+    assert [d["at"] for d in telemetry.denials(20)] == [2.0, 1.0]  # received in the last 20 s
+
+
+def test_series_give_one_point_per_bucket_over_the_retention() -> None:
+    clock = Clock(10_000.0)
+    telemetry = Telemetry(clock=clock)
+    telemetry.merge(
+        TelemetryReport.model_validate(report("a", many("a", "b", 20) + many("a", "b", 5, 503)))
+    )
+    clock.now += 25  # two buckets later, halfway through the third
+    telemetry.merge(TelemetryReport.model_validate(report("a", many("a", "b", 10, 200, 0.3))))
+    series = telemetry.series(wall_now=1_800_000_025.0)[("a", "b")]
+    points = len(series["rps"])
+    assert points == 30 and series["step"] == 10.0
+    assert series["start"] == 1_800_000_025.0 - 295  # the oldest bucket's start, 29.5 ago
+    assert series["rps"][-3:] == [2.5, 0.0, 2.0]  # 25 in 10 s, none, 10 in the 5 s so far
+    assert series["success_rate"][-3:] == [0.8, None, 1.0]
+    assert series["p99"][-2] is None and series["p99"][-1] > 0.25
+    assert series["rps"][: points - 3] == [0.0] * (points - 3)
+
+
 def test_an_edge_reported_from_both_sides_is_not_counted_twice() -> None:
     """orders reports its calls to inventory, inventory reports the same calls served: the
     service's figures are inventory's own view, the edge's the caller's, never the sum."""
