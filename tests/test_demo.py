@@ -67,6 +67,7 @@ def test_demo_runs_the_shop_and_every_bar_holds() -> None:
     for where in ("registry ", "gateway ", "orders ", "inventory-v2 ", "payments-b "):
         assert re.search(rf"  {where}.*http://127\.0\.0\.1:\d+", output), where
     assert re.search(r"mesh stat --registry http://127\.0\.0\.1:\d+ --edges", output)
+    assert re.search(r"  dashboard .* http://127\.0\.0\.1:\d+/ui/login\?token=mvt_\S+\n", output)
     assert _figure(output, r"ok +denials +(\d+) of \d+ reserve-direct calls denied") > 0
     assert "rule 'reserve-only-orders'" in output
     assert 5.0 <= _figure(output, r"ok +v2 share +([\d.]+)% of \d+ item reads") <= 15.0

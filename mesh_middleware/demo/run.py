@@ -175,6 +175,7 @@ class _Demo:
             f"  {'registry':<15} {'dev mode, sqlite':<21} {registry}  "
             f"metrics {self.shop.metrics_url('registry')}"
         )
+        print(f"  {'dashboard':<15} {'open in a browser':<21} {self.shop.dashboard_url}")
         servers = {spec.name: spec.server for spec in SHOP_APPS}
         for instance in self.shop.instances():
             workers = f" (workers {' '.join(map(str, instance.worker_pids))})"

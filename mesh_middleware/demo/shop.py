@@ -480,6 +480,13 @@ class Shop:
         return self._processes[REGISTRY].url
 
     @property
+    def dashboard_url(self) -> str:
+        """The registry's dashboard, signed in: the login link carries the viewer token (the
+        registry writes it at first start)."""
+        token = (self.workdir / "registry" / "viewer.token").read_text().strip()
+        return f"{self.registry_url}/ui/login?token={token}"
+
+    @property
     def gateway_url(self) -> str:
         """The gateway's base URL: the shop's public entry."""
         return self.url("gateway")
