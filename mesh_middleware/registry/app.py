@@ -50,6 +50,8 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
         store_url=store.url,
     )
 
+    dashboard = Dashboard(state)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         checker = HealthChecker(state.catalog)
@@ -79,13 +81,14 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
         exception_handlers={404: refused, 405: refused},
         routes=[
             *routes(),
-            *Dashboard(state).routes(),
+            *dashboard.routes(),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
     app.state.registry = state
+    app.state.dashboard = dashboard
     return app
 
 

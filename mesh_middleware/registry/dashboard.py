@@ -83,6 +83,7 @@ class Dashboard:
         self.push_seconds = push_seconds
         self.stream_seconds = stream_seconds
         self.streams = 0
+        self.closing = False  # the server is shutting down: streams end at their next push
         self._assets: dict[str, bytes] = {}
         # (when built, digest of the content without its timestamp, the encoded snapshot)
         self._built: tuple[float, str, bytes] | None = None
@@ -248,7 +249,7 @@ class Dashboard:
                 elif now - wrote >= KEEPALIVE_SECONDS:
                     yield b": keep-alive\n\n"
                     wrote = now
-                if now >= ends:
+                if now >= ends or self.closing:
                     return
                 await asyncio.sleep(self.push_seconds)
         finally:

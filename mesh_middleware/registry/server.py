@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from types import FrameType
 
 import uvicorn
 
 from mesh_middleware.registry.app import create_registry_app
+from mesh_middleware.registry.dashboard import Dashboard
 from mesh_middleware.registry.settings import RegistrySettings
 
 __all__ = ["serve"]
+
+_STARTUP_FAILURE = 3
 
 _DEV_BANNER = """\
 ************************************************************************
@@ -47,12 +52,28 @@ def serve(config: RegistrySettings) -> int:
         file=out,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     )
-    return 0
+    server.dashboard = app.state.dashboard
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else _STARTUP_FAILURE  # as uvicorn.run: a port in use, say
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells open dashboards to end their event streams when it
+    is asked to stop: uvicorn waits for open responses, and a stream never ends by itself."""
+
+    dashboard: Dashboard
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.dashboard.closing = True
+        super().handle_exit(sig, frame)

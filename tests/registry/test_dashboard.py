@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -187,6 +189,38 @@ def test_the_event_stream_sends_a_snapshot_and_the_next_one_on_a_change(
             changer.join(TIMEOUT)
         assert any(s["service"] == "payments" for s in states[-1]["services"])
         assert time.monotonic() - began < 10
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_an_open_dashboard_does_not_hold_the_registry_up_at_shutdown(tmp_path: Path) -> None:
+    """uvicorn waits up to 5 s for open responses at shutdown; an event stream never ends by
+    itself, so the registry tells streams to end at their next push (every 2 s)."""
+    with start_registry(tmp_path / "data") as registry:
+        reading = threading.Event()
+
+        def watch() -> None:
+            with (
+                _signed_in(registry, registry.viewer_token) as http,
+                http.stream("GET", "/ui/api/events") as stream,
+            ):
+                for line in stream.iter_lines():
+                    if line.startswith("event: state"):
+                        reading.set()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert reading.wait(TIMEOUT)
+        began = time.monotonic()
+        os.killpg(registry.proc.pid, signal.SIGTERM)
+        registry.proc.wait(timeout=10)
+        took = time.monotonic() - began
+        watcher.join(TIMEOUT)
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert registry.proc.returncode in (0, -signal.SIGTERM)
+        assert "Traceback" not in registry.stderr()
+        assert took < 4.0, f"the registry took {took:.1f} s to stop"
+        assert not watcher.is_alive()  # the stream ended, it was not cut
 
 
 # -- the stream's pacing, in process -------------------------------------------------------------
