@@ -15,7 +15,7 @@ from tests.support.servers import REPO
 @pytest.mark.slow
 def test_wheel_installs_and_imports_the_public_api(tmp_path: Path) -> None:
     """Build the sdist and from it the wheel (with the request path compiled by mypyc), install
-    the wheel with its dependencies into a new venv, import the API."""
+    the wheel with its dependencies into a new venv, import the API, find the dashboard."""
     dist = tmp_path / "dist"
     subprocess.run(
         # An sdist, then the wheel built from it: the path pip takes from a source release.
@@ -40,6 +40,11 @@ def test_wheel_installs_and_imports_the_public_api(tmp_path: Path) -> None:
         "assert 'site-packages' in a.__file__, a.__file__;"
         "from mesh_middleware import _compiled;"
         "assert _compiled.compiled(), 'the wheel did not compile the request path';"
+        # The dashboard's page, script and styles are files of the package.
+        "from importlib.resources import files;"
+        "ui = files('mesh_middleware.registry') / 'ui';"
+        "assert all((ui / f).is_file() for f in"
+        " ('index.html', 'login.html', 'dashboard.js', 'dashboard.css')), 'no dashboard';"
         "print(len(m.__all__))"
     )
     done = subprocess.run(

@@ -200,6 +200,8 @@ _FAILED = (STATUS_CLASSES.index("5xx"), STATUS_CLASSES.index("error"))
 _QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
 _Key = tuple[str, str, str]  # source, destination, "source" | "destination"
+_Point = tuple[float, float | None, float | None, float | None]  # rps, success, p50, p99
+_NO_POINT: _Point = (0.0, None, None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,9 @@ class Telemetry:
         self._edges: dict[_Key, dict[int, list[Any]]] = {}
         self._names: dict[str, int] = {}  # name -> edges naming it
         self._pruned_at = self._slot(self._started)
+        # The series' points of whole buckets, computed once: a bucket a report adds to
+        # loses its point, one the retention drops loses it too.
+        self._points: dict[tuple[_Key, int], _Point] = {}
         # (registry time received, destination, denial), newest last.
         self._denials: deque[tuple[float, str, Denial]] = deque(maxlen=max_denials)
 
@@ -283,6 +288,7 @@ class Telemetry:
                 agg[_ABORTS] += edge.faults.abort
                 agg[_DELAYS] += edge.faults.delay
             agg[_RETRIES] += edge.retries
+            self._points.pop((key, slot), None)
             accepted += 1
         for denial in sorted(report.denials, key=operator.attrgetter("at")):
             self._denials.append((at, report.reporter, denial))
@@ -320,6 +326,8 @@ class Telemetry:
                         self._names[name] = left
                     else:
                         del self._names[name]
+        if self._points:
+            self._points = {k: v for k, v in self._points.items() if k[1] >= oldest}
         EDGES.set(len(self._edges))
 
     # -- reading -----------------------------------------------------------------------------
@@ -366,26 +374,39 @@ class Telemetry:
         current = self._slot(now)
         first = current - self._slots_kept + 1
         start = round(wall_now - (now - first * self.bucket_seconds), 3)
-        by_edge: dict[tuple[str, str], dict[int, list[Any]]] = {}
-        for (source, destination, side), slots in self._edges.items():
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, slots in self._edges.items():
+            source, destination, side = key
             # The source's view when there is one, as for the edges' golden metrics.
             if side == "destination" and (source, destination, "source") in self._edges:
                 continue
-            by_edge[(source, destination)] = slots
-        out: dict[tuple[str, str], dict[str, Any]] = {}
-        for key, slots in by_edge.items():
-            points: dict[str, list[Any]] = {"rps": [], "success_rate": [], "p50": [], "p99": []}
+            rps: list[float] = []
+            success: list[float | None] = []
+            p50: list[float | None] = []
+            p99: list[float | None] = []
             for slot in range(first, current + 1):
                 agg = slots.get(slot)
-                seconds = (
-                    now - slot * self.bucket_seconds if slot == current else self.bucket_seconds
-                )
-                golden = _golden(agg if agg is not None else _empty(), max(seconds, 1.0), None)
-                points["rps"].append(golden["rps"])
-                points["success_rate"].append(golden["success_rate"])
-                points["p50"].append(golden["latency"]["p50"])
-                points["p99"].append(golden["latency"]["p99"])
-            out[key] = {"start": start, "step": self.bucket_seconds, **points}
+                if agg is None:
+                    point: _Point = _NO_POINT
+                elif slot == current:  # still filling: never kept
+                    point = _point(agg, max(now - slot * self.bucket_seconds, 1.0))
+                else:
+                    found = self._points.get((key, slot))
+                    if found is None:
+                        found = self._points[(key, slot)] = _point(agg, self.bucket_seconds)
+                    point = found
+                rps.append(point[0])
+                success.append(point[1])
+                p50.append(point[2])
+                p99.append(point[3])
+            out[(source, destination)] = {
+                "start": start,
+                "step": self.bucket_seconds,
+                "rps": rps,
+                "success_rate": success,
+                "p50": p50,
+                "p99": p99,
+            }
         return out
 
     def services(
@@ -461,6 +482,22 @@ def _empty() -> list[Any]:
 
 def _add(total: list[Any], agg: Sequence[Any]) -> None:
     total[:] = map(operator.add, total, agg)
+
+
+def _point(agg: Sequence[Any], seconds: float) -> _Point:
+    requests = sum(agg[:_N_CLASSES])
+    if not requests:
+        return _NO_POINT
+    failed = sum(agg[i] for i in _FAILED)
+    histogram = agg[_N_CLASSES:_SUM]
+    p50 = histogram_quantile(0.5, histogram)
+    p99 = histogram_quantile(0.99, histogram)
+    return (
+        round(requests / seconds, 3),
+        round((requests - failed) / requests, 6),
+        None if p50 is None else round(p50, 6),
+        None if p99 is None else round(p99, 6),
+    )
 
 
 def _golden(agg: Sequence[Any], span: float, reporter: str | None) -> dict[str, Any]:

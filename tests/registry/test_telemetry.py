@@ -197,6 +197,15 @@ def test_series_give_one_point_per_bucket_over_the_retention() -> None:
     assert series["success_rate"][-3:] == [0.8, None, 1.0]
     assert series["p99"][-2] is None and series["p99"][-1] > 0.25
     assert series["rps"][: points - 3] == [0.0] * (points - 3)
+    # A late report into a whole bucket already drawn: its point is computed again.
+    late = report("a", many("a", "b", 10, 503), age=20)
+    telemetry.merge(TelemetryReport.model_validate(late))
+    again = telemetry.series(wall_now=1_800_000_025.0)[("a", "b")]
+    assert again["rps"][-3:] == [3.5, 0.0, 2.0]
+    assert again["success_rate"][-3] == pytest.approx(20 / 35)
+    clock.now += 310  # every bucket leaves the retention, and its point with it
+    assert telemetry.series(wall_now=1_800_000_335.0) == {}
+    assert telemetry._points == {}
 
 
 def test_an_edge_reported_from_both_sides_is_not_counted_twice() -> None:
