@@ -57,6 +57,7 @@ _ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
+_REFUSED = b'<p class="login-refused">That is neither the admin nor the viewer token.</p>'
 _PAGE_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
@@ -191,7 +192,8 @@ class Dashboard:
             return self._page("login.html")
         if not can_read(self._state, token):
             log.warning("dashboard_login_refused", client=_client(request))
-            return self._page("login.html", status=401)
+            page = self._file("login.html").replace(b"<!--refused-->", _REFUSED, 1)
+            return Response(page, 401, headers=_PAGE_HEADERS, media_type=_ASSETS["login.html"])
         response = RedirectResponse("/ui/", status_code=303, headers=_PAGE_HEADERS)
         response.set_cookie(
             COOKIE,

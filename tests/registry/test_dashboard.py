@@ -86,7 +86,9 @@ def test_the_dashboard_needs_the_viewer_or_the_admin_token(
     login = client.get(f"{url}/ui/login")
     assert login.status_code == 200 and "<form" in login.text
     assert login.headers["content-security-policy"] == CSP
-    assert client.get(f"{url}/ui/login", params={"token": "mvt_wrong"}).status_code == 401
+    wrong_login = client.get(f"{url}/ui/login", params={"token": "mvt_wrong"})
+    assert wrong_login.status_code == 401 and "neither the admin nor the viewer" in wrong_login.text
+    assert "neither" not in login.text
     for path in ("/ui/api/state", "/ui/api/events"):
         refused = client.get(f"{url}{path}")
         assert refused.status_code == 401
