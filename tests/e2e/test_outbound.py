@@ -427,7 +427,10 @@ def test_calls_keep_flowing_to_cached_instances_while_the_registry_is_down(
     print(f"\nregistry down: {down.ok}/{down.sent} calls answered ({dict(down.names)}); {view}")
     assert up.ok == up.sent == 200
     assert down.ok == down.sent == 500, (down.statuses, down.errors)
-    assert down.names["a"] > 0 and down.names["b"] > 0, down.names
+    # Answered by the instances it knew, and it still knows both. Not "each answered some":
+    # peak EWMA rightly keeps away from an instance for seconds after one slow answer, and on
+    # a loaded CI machine all 500 calls went to b (Counter({'b': 500})).
+    assert set(down.names) <= {"a", "b"} and sum(down.names.values()) == 500, down.names
     assert view["instances"] == 2 and view["stale_seconds"] > 0
 
 
