@@ -33,7 +33,7 @@ from mesh_middleware.registry.models import (
 from mesh_middleware.registry.store import InstanceRecord
 from mesh_middleware.registry.telemetry import Telemetry, TelemetryReport
 
-__all__ = ["ApiError", "RegistryState", "can_read", "guarded", "routes"]
+__all__ = ["ApiError", "RegistryState", "bearer_token", "can_read", "guarded", "routes"]
 
 log = structlog.get_logger("mesh.registry")
 
@@ -72,7 +72,8 @@ def _state(request: Request) -> RegistryState:
     return state
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
+    """The ``Authorization: Bearer`` token, ``None`` without the header (401 if malformed)."""
     header = request.headers.get("authorization")
     if header is None:
         return None
@@ -83,7 +84,7 @@ def _bearer(request: Request) -> str | None:
 
 
 def _require_admin(request: Request) -> None:
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         raise ApiError(401, "unauthenticated", "the admin token is required")
     if not _state(request).admin.matches(token):
@@ -96,7 +97,7 @@ def can_read(state: RegistryState, token: str | None) -> bool:
 
 
 def _require_reader(request: Request) -> None:
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         raise ApiError(401, "unauthenticated", "the admin or the viewer token is required")
     if not can_read(_state(request), token):
@@ -106,7 +107,7 @@ def _require_reader(request: Request) -> None:
 def _caller_service(request: Request, *, dev_service: str | None) -> str:
     """The service a request acts for: its join token's, the admin's choice, or (dev) any."""
     state = _state(request)
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         if state.dev and dev_service is not None:
             return dev_service
@@ -185,7 +186,7 @@ async def deregister(request: Request) -> Response:
     service = _path_name(request, "service", SERVICE_NAME, "service name")
     instance_id = _path_name(request, "instance_id", INSTANCE_ID, "instance id")
     state = _state(request)
-    token = _bearer(request)
+    token = bearer_token(request)
     if not (token is not None and state.admin.matches(token)):
         acting = _caller_service(request, dev_service=service)
         if acting != service:
@@ -317,7 +318,7 @@ async def jwks(request: Request) -> Response:
 async def issue_token(request: Request) -> Response:
     body: TokenRequest = _validated(TokenRequest, await _json_body(request))
     state = _state(request)
-    if body.service is not None and not state.dev and _bearer(request) is None:
+    if body.service is not None and not state.dev and bearer_token(request) is None:
         raise ApiError(401, "unauthenticated", "a join token is required")
     service = _caller_service(request, dev_service=body.service)
     if body.service is not None and body.service != service:
@@ -382,7 +383,7 @@ async def telemetry_report(request: Request) -> Response:
     state = _state(request)
     try:
         # The credential is checked before a body of up to 2 MiB is read and parsed.
-        token = _bearer(request)
+        token = bearer_token(request)
         if token is None and not state.dev:
             raise ApiError(401, "unauthenticated", "a join token is required")
         if (

@@ -30,7 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from mesh_middleware.registry.api import ApiError, RegistryState, can_read, guarded
+from mesh_middleware.registry.api import (
+    ApiError,
+    RegistryState,
+    bearer_token,
+    can_read,
+    guarded,
+)
 from mesh_middleware.registry.telemetry import RETENTION_SECONDS
 
 __all__ = ["COOKIE", "CSP", "Dashboard"]
@@ -130,9 +136,9 @@ class Dashboard:
         series = telemetry.series(self._wall_clock())
         for node in nodes:
             node["members"] = [_member(i) for i in catalog.instances(node["service"])]
-        empty = _empty_series(series)
+        # Every edge with traffic in the last minute has buckets in the 5 minutes kept.
         for edge in edges:
-            edge["series"] = series.get((edge["source"], edge["destination"]), empty)
+            edge["series"] = series[(edge["source"], edge["destination"])]
         return {
             "window_seconds": WINDOW_SECONDS,
             "covered_seconds": covered,
@@ -167,9 +173,10 @@ class Dashboard:
     def _signed_in(self, request: Request) -> bool:
         token = request.cookies.get(COOKIE)
         if token is None:
-            header = request.headers.get("authorization", "")
-            scheme, _, value = header.partition(" ")
-            token = value.strip() if scheme.lower() == "bearer" else None
+            try:
+                token = bearer_token(request)
+            except ApiError:  # a malformed header signs nobody in, like none
+                return False
         return can_read(self._state, token)
 
     async def _to_index(self, _: Request) -> Response:
@@ -271,20 +278,6 @@ def _member(instance: dict[str, Any]) -> dict[str, Any]:
         "expires_in": round(expires_in, 1),
         "ttl": ttl,
     }
-
-
-def _empty_series(series: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    for one in series.values():
-        points = len(one["rps"])
-        return {
-            "start": one["start"],
-            "step": one["step"],
-            "rps": [0.0] * points,
-            "success_rate": [None] * points,
-            "p50": [None] * points,
-            "p99": [None] * points,
-        }
-    return {"start": 0, "step": 10, "rps": [], "success_rate": [], "p50": [], "p99": []}
 
 
 async def _form_token(request: Request) -> str | None:
