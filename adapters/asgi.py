@@ -27,10 +27,13 @@ from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
 
-__all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "MeshMiddleware"]
+__all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "PEER_SCOPE_KEY", "MeshMiddleware"]
 
 CALLER_SCOPE_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
+
+PEER_SCOPE_KEY = "mesh.peer"
+"""Where ``mesh run`` puts the SPIFFE ID of the client certificate of a mutual-TLS connection."""
 
 DEADLINE_SCOPE_KEY = "mesh.deadline"
 """Where the caller's :class:`~mesh_middleware.Deadline` is put, when it sent one."""
@@ -290,9 +293,18 @@ class MeshMiddleware:
                 )
             headers = _ScopeHeaders(raw_headers)
             engine = self._engine
-            admission = engine.admit(method, path, token, headers, duplicate_token=duplicate)
+            admission = engine.admit(
+                method,
+                path,
+                token,
+                headers,
+                duplicate_token=duplicate,
+                peer=scope.get(PEER_SCOPE_KEY),
+            )
             if admission.unknown_kid is not None:
-                admission = await self._admit_after_refetch(admission, method, path, token, headers)
+                admission = await self._admit_after_refetch(
+                    admission, method, path, token, headers, scope.get(PEER_SCOPE_KEY)
+                )
             caller = admission.caller
             if admission.path is not None:
                 path = admission.path
@@ -368,6 +380,7 @@ class MeshMiddleware:
         path: str,
         token: str | None,
         headers: Mapping[str, str],
+        peer: str | None,
     ) -> Admission:
         kid = admission.unknown_kid
         assert kid is not None
@@ -376,7 +389,7 @@ class MeshMiddleware:
         if future is not None:
             await _wait_for(future, _UNKNOWN_KID_WAIT)
         if keys.get(kid) is not None:
-            return self._engine.admit(method, path, token, headers)
+            return self._engine.admit(method, path, token, headers, peer=peer)
         return admission
 
     async def _refuse(

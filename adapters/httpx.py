@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -33,6 +35,7 @@ from mesh_middleware.adapters.httpx_errors import (
     httpx_error,
 )
 from mesh_middleware.discovery.endpoints import Endpoint
+from mesh_middleware.identity.tls import SwappableContext
 from mesh_middleware.outbound.call import Call, CallRefused, Next
 from mesh_middleware.outbound.destination import Destination
 from mesh_middleware.outbound.mirror import ShadowSender, mirror_slots
@@ -43,7 +46,8 @@ from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.tracecontext import SpanContext
 
 if TYPE_CHECKING:
-    from mesh_middleware.runtime.mesh import Mesh
+    from mesh_middleware.runtime.certificates import TLSContexts
+from mesh_middleware.runtime.mesh import Mesh
 
 __all__ = [
     "AsyncMeshTransport",
@@ -93,6 +97,21 @@ def aim(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
     if _FAST_URL and ":" not in endpoint.host:
         return _aim_fast(url, endpoint.scheme, endpoint.host, endpoint.port)
     return url.copy_with(scheme=endpoint.scheme, host=endpoint.host, port=endpoint.port)
+
+
+def aim_plain(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
+    """``url`` sent to the plaintext port of an instance that also serves mutual TLS."""
+    assert endpoint.plain_port is not None
+    return url.copy_with(scheme="http", host=endpoint.host, port=endpoint.plain_port)
+
+
+def _mesh_context(tls: TLSContexts | None) -> ssl.SSLContext:
+    # Without mesh TLS at all, a context that can make no handshake: never an unchecked one.
+    return tls.client if tls is not None else SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+MESH_TLS = "mesh.tls"
+"""Request extension: ``True`` when a try goes over mesh mutual TLS (the TLS transport)."""
 
 
 def _header_list_supported() -> bool:
@@ -312,11 +331,37 @@ class _Plane:
             raise httpx_error(refused, request) from None
         span = call.span = self.telemetry.try_span(call, request.method)
         _trace(request.headers, span.context, keep=False)
-        request.url = aim(url, endpoint)
+        if endpoint.tls:
+            self._aim_tls(call, request, url, endpoint)
+        else:
+            request.url = aim(url, endpoint)
+            request.extensions[MESH_TLS] = False
         seconds = call.try_timeout(now)
         request.extensions["timeout"] = _try_timeouts(timeouts, seconds)
         set_header(request.headers, _DEADLINE, call.header_deadline(now))
         return endpoint
+
+    def _aim_tls(
+        self, call: Call, request: httpx.Request, url: httpx.URL, endpoint: Endpoint
+    ) -> None:
+        """An instance serving mutual TLS: over TLS, checking its SPIFFE ID, when this instance
+        holds a certificate; else on its plaintext port if it has one (``mtls: permissive``).
+        With neither, the TLS transport's handshake fails and says why."""
+        extensions = request.extensions
+        if endpoint.plain_port is not None and self.mesh.client_tls(wait=0) is None:
+            request.url = aim_plain(url, endpoint)
+            extensions[MESH_TLS] = False
+            return
+        request.url = aim(url, endpoint)
+        extensions[MESH_TLS] = True
+        extensions["sni_hostname"] = call.destination.service  # the SPIFFE ID to expect
+
+    def tls_needed(self, call: Call) -> bool:
+        """Whether a certificate should be fetched before the first try (some instance of the
+        destination serves mutual TLS, and this instance holds none yet)."""
+        endpoints = call.endpoint_set
+        tls = self.mesh.tls
+        return endpoints is not None and endpoints.tls and tls is not None and not tls.ready
 
     def failed(
         self, call: Call, endpoint: Endpoint, request: httpx.Request, exc: httpx.TransportError
@@ -439,13 +484,18 @@ class _Plane:
         headers["host"] = f"{call.destination.service}-shadow"
         headers[_SHADOW] = "1"  # a copy, off the request path
         seconds = call.try_timeout(time.monotonic())
-        return httpx.Request(
+        shadow = httpx.Request(
             request.method,
-            aim(request.url, endpoint),
+            request.url,
             headers=headers,
             content=request.content,
             extensions={"timeout": _try_timeouts(None, seconds)},
         )
+        if endpoint.tls:
+            self._aim_tls(call, shadow, request.url, endpoint)
+        else:
+            shadow.url = aim(request.url, endpoint)
+        return shadow
 
 
 def _identity(request: httpx.Request, token: str | None) -> None:
@@ -471,8 +521,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.mesh = mesh
         self.transport = transport or httpx.AsyncHTTPTransport(**transport_options)
+        self._options = transport_options
+        self._given = transport is not None
+        self._tls: httpx.AsyncBaseTransport | None = None
         self._plane = _Plane(mesh)
         self._mirrors: set[asyncio.Task[None]] = set()
+
+    def _tls_transport(self) -> httpx.AsyncBaseTransport:
+        """Where mutual-TLS tries go: one pool presenting this instance's certificate (the
+        transport given to the constructor, if one was)."""
+        if self._given:
+            return self.transport
+        if self._tls is None:
+            tls = self.mesh.tls
+            options = {k: v for k, v in self._options.items() if k not in ("verify", "cert")}
+            self._tls = httpx.AsyncHTTPTransport(verify=_mesh_context(tls), **options)
+        return self._tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         plane = self._plane
@@ -491,16 +555,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if token is None and mesh.registry_url is not None:
                 token = await anyio.to_thread.run_sync(mesh.identity_token, destination.service)
             _identity(request, token)
+            if plane.tls_needed(call):
+                await anyio.to_thread.run_sync(mesh.client_tls)
             shadow = plane.shadow(call, request)
             if shadow is not None:
                 self._mirror(shadow)
             url = request.url
             timeouts = request.extensions.get("timeout")
             send = self.transport.handle_async_request
+            extensions = request.extensions
             while True:
                 endpoint = plane.aim(call, request, url, timeouts, time.monotonic())
                 try:
-                    response = await send(request)
+                    if extensions[MESH_TLS]:
+                        response = await self._tls_transport().handle_async_request(request)
+                    else:
+                        response = await send(request)
                 except httpx.TransportError as exc:
                     plane.failed(call, endpoint, request, exc)  # returns only to retry
                     await anyio.sleep(call.delay)
@@ -532,7 +602,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def _send_shadow(self, shadow: httpx.Request) -> None:
         try:
-            response = await self.transport.handle_async_request(shadow)
+            transport = self._tls_transport() if shadow.extensions.get(MESH_TLS) else self.transport
+            response = await transport.handle_async_request(shadow)
             try:
                 await response.aread()
             finally:
@@ -549,6 +620,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         for task in list(self._mirrors):
             task.cancel()
         await self.transport.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
 
 
 # -- sync ---------------------------------------------------------------------------------
@@ -569,8 +642,23 @@ class MeshTransport(httpx.BaseTransport):
     ) -> None:
         self.mesh = mesh
         self.transport = transport or httpx.HTTPTransport(**transport_options)
+        self._options = transport_options
+        self._given = transport is not None
+        self._tls: httpx.BaseTransport | None = None
+        self._tls_lock = threading.Lock()
         self._plane = _Plane(mesh)
         self._shadows = ShadowSender()
+
+    def _tls_transport(self) -> httpx.BaseTransport:
+        """Where mutual-TLS tries go (see ``AsyncMeshTransport._tls_transport``)."""
+        if self._given:
+            return self.transport
+        with self._tls_lock:
+            if self._tls is None:
+                tls = self.mesh.tls
+                options = {k: v for k, v in self._options.items() if k not in ("verify", "cert")}
+                self._tls = httpx.HTTPTransport(verify=_mesh_context(tls), **options)
+            return self._tls
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         plane = self._plane
@@ -585,16 +673,22 @@ class MeshTransport(httpx.BaseTransport):
                 )
             mesh = self.mesh
             _identity(request, mesh.identity_token(destination.service))
+            if plane.tls_needed(call):
+                mesh.client_tls()
             shadow = plane.shadow(call, request)
             if shadow is not None:
                 self._shadows.submit(partial(self._send_shadow, shadow))
             url = request.url
             timeouts = request.extensions.get("timeout")
             send = self.transport.handle_request
+            extensions = request.extensions
             while True:
                 endpoint = plane.aim(call, request, url, timeouts, time.monotonic())
                 try:
-                    response = send(request)
+                    if extensions[MESH_TLS]:
+                        response = self._tls_transport().handle_request(request)
+                    else:
+                        response = send(request)
                 except httpx.TransportError as exc:
                     plane.failed(call, endpoint, request, exc)  # returns only to retry
                     time.sleep(call.delay)
@@ -614,7 +708,8 @@ class MeshTransport(httpx.BaseTransport):
             call.finish()
 
     def _send_shadow(self, shadow: httpx.Request) -> None:
-        response = self.transport.handle_request(shadow)
+        transport = self._tls_transport() if shadow.extensions.get(MESH_TLS) else self.transport
+        response = transport.handle_request(shadow)
         try:
             response.read()
         finally:
@@ -623,3 +718,5 @@ class MeshTransport(httpx.BaseTransport):
     def close(self) -> None:
         self._shadows.close()
         self.transport.close()
+        if self._tls is not None:
+            self._tls.close()

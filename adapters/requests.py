@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import ssl
 import time
 from collections.abc import Mapping
 from functools import partial
@@ -26,6 +27,7 @@ from urllib3.exceptions import NewConnectionError
 
 from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint
+from mesh_middleware.identity.tls import SwappableContext
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.mirror import ShadowSender
 from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
@@ -178,6 +180,10 @@ class MeshAdapter(HTTPAdapter):
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
+            endpoint_set = call.endpoint_set
+            tls = self.mesh.tls
+            if endpoint_set is not None and endpoint_set.tls and tls is not None and not tls.ready:
+                self.mesh.client_tls()  # this instance's certificate, with a bounded wait
             if call.mirrored and call.replayable:
                 self._mirror(call, request, target)
             telemetry = self.mesh.outbound_telemetry
@@ -192,7 +198,7 @@ class MeshAdapter(HTTPAdapter):
                 span = call.span = telemetry.try_span(call, method)
                 if not own_trace:
                     _trace(headers, span.context)
-                request.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
+                request.url = self._aim(request, call, endpoint, target)
                 headers[_DEADLINE] = call.header_deadline(now)
                 limits = _try_timeout(timeout, call.try_timeout(now))
                 try:
@@ -297,11 +303,57 @@ class MeshAdapter(HTTPAdapter):
             return
         shadow = request.copy()
         endpoint = random.choice(subset)
-        shadow.url = f"{endpoint.scheme}://{endpoint.authority}{target}"
+        shadow.url = self._aim(shadow, call, endpoint, target)
         shadow.headers["Host"] = f"{call.destination.service}-shadow"
         shadow.headers[_SHADOW] = "1"
         seconds = call.try_timeout(time.monotonic())
         self._shadows.submit(partial(self._send_shadow, shadow, seconds))
+
+    def _aim(
+        self, request: requests.PreparedRequest, call: Call, endpoint: Endpoint, target: str
+    ) -> str:
+        """The URL of this try; over mesh mutual TLS when the instance serves it and this
+        instance holds a certificate (else its plaintext port, if it has one)."""
+        if not endpoint.tls:
+            setattr(request, _MESH_TLS, None)
+            return f"{endpoint.scheme}://{endpoint.authority}{target}"
+        if endpoint.plain_port is not None and self.mesh.client_tls(wait=0) is None:
+            setattr(request, _MESH_TLS, None)
+            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+            return f"http://{host}:{endpoint.plain_port}{target}"
+        setattr(request, _MESH_TLS, call.destination.service)
+        return f"https://{endpoint.authority}{target}"
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> Any:
+        """A mutual-TLS try gets a pool per destination service that presents this instance's
+        certificate and expects the service's SPIFFE ID (checked during the handshake)."""
+        service = getattr(request, _MESH_TLS, None)
+        if service is None:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        parts = urlsplit(request.url or "")
+        tls = self.mesh.tls
+        context = tls.client if tls is not None else SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
+        return self.poolmanager.connection_from_host(
+            parts.hostname,
+            parts.port,
+            scheme="https",
+            pool_kwargs={
+                "ssl_context": context,
+                "server_hostname": service,
+                "assert_hostname": False,
+            },
+        )
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        if isinstance(getattr(conn, "conn_kw", {}).get("ssl_context"), SwappableContext):
+            return  # the mesh's own trust, never the caller's CA files or verify=False
+        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
 
     def _send_shadow(self, shadow: requests.PreparedRequest, seconds: float) -> None:
         super().send(shadow, timeout=(seconds, seconds)).close()
@@ -309,6 +361,10 @@ class MeshAdapter(HTTPAdapter):
     def close(self) -> None:
         self._shadows.close()
         super().close()
+
+
+_MESH_TLS = "_mesh_tls_service"
+"""Set on a prepared request for each try: the service a mutual-TLS try expects, else None."""
 
 
 def mesh_session(mesh: Mesh) -> requests.Session:

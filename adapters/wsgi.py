@@ -18,7 +18,12 @@ from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
 
-__all__ = ["CALLER_ENVIRON_KEY", "DEADLINE_ENVIRON_KEY", "MeshWSGIMiddleware"]
+__all__ = [
+    "CALLER_ENVIRON_KEY",
+    "DEADLINE_ENVIRON_KEY",
+    "PEER_ENVIRON_KEY",
+    "MeshWSGIMiddleware",
+]
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -26,6 +31,9 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 
 CALLER_ENVIRON_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
+
+PEER_ENVIRON_KEY = "mesh.peer"
+"""Where ``mesh run`` puts the SPIFFE ID of the client certificate of a mutual-TLS connection."""
 
 DEADLINE_ENVIRON_KEY = "mesh.deadline"
 """Where the caller's :class:`~mesh_middleware.Deadline` is put, when it sent one."""
@@ -253,11 +261,14 @@ class MeshWSGIMiddleware:
             headers = _EnvironHeaders(environ)
             # WSGI servers join repeated headers with ','; a JWS never contains one.
             duplicate = token is not None and "," in token
+            peer = environ.get(PEER_ENVIRON_KEY)
             admission = self._engine.admit(
-                method, raw_path, token, headers, duplicate_token=duplicate
+                method, raw_path, token, headers, duplicate_token=duplicate, peer=peer
             )
             if admission.unknown_kid is not None:
-                admission = self._admit_after_refetch(admission, method, raw_path, token, headers)
+                admission = self._admit_after_refetch(
+                    admission, method, raw_path, token, headers, peer
+                )
             caller = admission.caller
             flags = admission_flags(admission)
             if admission.status is not None or admission.delay:
@@ -298,9 +309,10 @@ class MeshWSGIMiddleware:
         raw_path: str,
         token: str | None,
         headers: Mapping[str, str],
+        peer: str | None,
     ) -> Admission:
         kid = admission.unknown_kid
         assert kid is not None
         if self.mesh.keys.refresh_for_unknown_kid(kid):
-            return self._engine.admit(method, raw_path, token, headers)
+            return self._engine.admit(method, raw_path, token, headers, peer=peer)
         return admission

@@ -90,8 +90,100 @@ def _registry(args: argparse.Namespace) -> int:
         store_url=args.store,
         dev=args.dev,
         trust_domain=args.trust_domain,
+        cert_lifetime=args.cert_ttl,
+        ca_root_lifetime=args.ca_root_ttl,
+        ca_activate_after=args.ca_activate_after,
+        ca_certificate=Path(args.ca_cert) if args.ca_cert else None,
+        ca_key=Path(args.ca_key) if args.ca_key else None,
     )
-    return serve(config)
+    if (config.ca_certificate is None) != (config.ca_key is None):
+        print("mesh registry: --ca-cert and --ca-key go together", file=sys.stderr)
+        return 2
+    try:
+        return serve(config)
+    except (OSError, ValueError) as exc:
+        print(f"mesh registry: {exc}", file=sys.stderr)
+        return 2
+
+
+def _ca_rotate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mesh_middleware.registry.client import RegistryError, admin_token, rotate_ca
+
+    if (args.cert is None) != (args.key is None):
+        print("mesh ca rotate: --cert and --key go together", file=sys.stderr)
+        return 2
+    try:
+        admin = admin_token(args.admin_token, data_dir=args.data_dir)
+        answer = rotate_ca(
+            args.registry,
+            admin,
+            certificate=Path(args.cert).read_text() if args.cert else None,
+            key=Path(args.key).read_text() if args.key else None,
+            activate_after=args.activate_after,
+        )
+    except (RegistryError, OSError) as exc:
+        print(f"mesh ca rotate: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"new root {str(answer['root'])[:16]}: trusted now, signs from "
+        f"{_when(float(answer['signs_from']))}; the old root retires once its leaves expire"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mesh_middleware.serving.run import RunOptions, run
+
+    return run(
+        RunOptions(
+            app=args.app,
+            server=args.server,
+            host=args.host,
+            port=args.port,
+            plain_port=args.plain_port,
+            workers=args.workers,
+            policy=args.policy,
+            cert_wait=args.cert_wait,
+        )
+    )
+
+
+def _ca_show(args: argparse.Namespace) -> int:
+    from mesh_middleware.registry.client import RegistryError, get_json
+
+    try:
+        body = get_json(args.registry, "/v1/ca/bundle")
+    except RegistryError as exc:
+        print(f"mesh ca show: {exc}", file=sys.stderr)
+        return 1
+    if args.pem:
+        print("".join(body["bundle"]), end="")
+        return 0
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    rows = [("ROOT", "STATE", "EXPIRES", "SIGNS FROM", "RETIRES")]
+    for root in body["roots"]:
+        retires = root.get("retires_at")
+        rows.append(
+            (
+                str(root["id"])[:16],
+                str(root["state"]),
+                _when(float(root["not_after"])),
+                _when(float(root["signs_from"])),
+                _when(float(retires)) if retires is not None else "-",
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def _when(unix: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(unix, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _token_create(args: argparse.Namespace) -> int:
@@ -268,6 +360,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration)
 
 
+def _duration(text: str) -> float:
+    from mesh_middleware.policy.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 24h or 90s") from None
+
+
 def _registry_option(parser: argparse.ArgumentParser) -> None:
     import os
 
@@ -328,7 +429,85 @@ def _parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", help="accept any service without a join token (demos only)"
     )
     registry.add_argument("--trust-domain", default="mesh.local")
+    registry.add_argument(
+        "--cert-ttl",
+        type=_duration,
+        default=24 * 3600.0,
+        metavar="D",
+        help="lifetime of instance certificates (default 24h; renewed at half life)",
+    )
+    registry.add_argument(
+        "--ca-root-ttl",
+        type=_duration,
+        default=365 * 86400.0,
+        metavar="D",
+        help="lifetime of a CA root the registry creates (default 8760h, a year)",
+    )
+    registry.add_argument(
+        "--ca-activate-after",
+        type=_duration,
+        default=600.0,
+        metavar="D",
+        help="how long a new root is trusted before it signs (default 10m)",
+    )
+    registry.add_argument("--ca-cert", default=None, metavar="FILE", help="an operator's CA (PEM)")
+    registry.add_argument("--ca-key", default=None, metavar="FILE", help="its private key (PEM)")
     registry.set_defaults(run=_registry)
+
+    run = commands.add_parser(
+        "run",
+        help="serve an app over the mesh's mutual TLS (uvicorn or gunicorn)",
+        description=(
+            "Get this instance's certificate from the registry's CA (MESH_REGISTRY_URL, "
+            "MESH_JOIN_TOKEN), serve APP with it as the policy's inbound.mtls says, and renew "
+            "it at half life without dropping connections."
+        ),
+    )
+    run.add_argument("app", metavar="APP", help="module:attribute, e.g. myapp.main:app")
+    run.add_argument("--server", choices=["uvicorn", "gunicorn"], default="uvicorn")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000, help="the TLS port (default 8000)")
+    run.add_argument(
+        "--plain-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve plaintext here (mtls: permissive; under strict only public paths answer)",
+    )
+    run.add_argument("--workers", type=int, default=1, help="gunicorn workers (default 1)")
+    run.add_argument("--policy", default=None, metavar="FILE", help="default $MESH_POLICY")
+    run.add_argument(
+        "--cert-wait",
+        type=_duration,
+        default=30.0,
+        metavar="D",
+        help="how long to wait for the first certificate (default 30s)",
+    )
+    run.set_defaults(run=_run)
+
+    ca = commands.add_parser("ca", help="the mesh CA: show its roots, rotate them")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    show = ca_commands.add_parser("show", help="the trusted roots and their states")
+    _registry_option(show)
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--pem", action="store_true", help="print the trust bundle as PEM")
+    show.set_defaults(run=_ca_show)
+    rotate = ca_commands.add_parser(
+        "rotate", help="add a new root: trusted at once, signing after --activate-after"
+    )
+    _registry_option(rotate)
+    rotate.add_argument("--cert", default=None, metavar="FILE", help="the operator's new CA")
+    rotate.add_argument("--key", default=None, metavar="FILE", help="its private key")
+    rotate.add_argument("--activate-after", default=None, metavar="D", help="default: 10m")
+    rotate.add_argument(
+        "--admin-token",
+        default=None,
+        help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
+    )
+    rotate.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="the registry's data dir (for admin.token)"
+    )
+    rotate.set_defaults(run=_ca_rotate)
 
     token = commands.add_parser("token", help="join tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")

@@ -30,6 +30,8 @@ class Endpoint:
     port: int
     version: str | None = None
     zone: str | None = None
+    tls: bool = False  # serves mesh mutual TLS on ``port`` (``scheme`` is then "https")
+    plain_port: int | None = None  # where it also takes plaintext (mtls: permissive), if any
     # -- live state: balancing
     in_flight: int = 0
     ewma: float = 0.0  # seconds; 0.0 until the first response is observed
@@ -50,13 +52,24 @@ class Endpoint:
 
     def same_place(self, other: Endpoint) -> bool:
         """Whether ``other`` describes the same instance at the same address."""
-        return (self.id, self.scheme, self.host, self.port, self.version, self.zone) == (
+        return (
+            self.id,
+            self.scheme,
+            self.host,
+            self.port,
+            self.version,
+            self.zone,
+            self.tls,
+            self.plain_port,
+        ) == (
             other.id,
             other.scheme,
             other.host,
             other.port,
             other.version,
             other.zone,
+            other.tls,
+            other.plain_port,
         )
 
     def __repr__(self) -> str:
@@ -76,6 +89,7 @@ class EndpointSet:
     index: int = 0
     source: str = "registry"
     _versions: dict[str | None, tuple[Endpoint, ...]] = field(init=False, repr=False, compare=False)
+    tls: bool = field(init=False, repr=False, compare=False)  # some instance serves mutual TLS
 
     def __post_init__(self) -> None:
         versions: dict[str | None, list[Endpoint]] = {None: list(self.endpoints)}
@@ -83,6 +97,7 @@ class EndpointSet:
             if endpoint.version is not None:
                 versions.setdefault(endpoint.version, []).append(endpoint)
         object.__setattr__(self, "_versions", {k: tuple(v) for k, v in versions.items()})
+        object.__setattr__(self, "tls", any(e.tls for e in self.endpoints))
 
     def subset(self, version: str | None) -> tuple[Endpoint, ...]:
         """The instances of ``version``; every instance for ``None``; ``()`` if none."""

@@ -156,13 +156,18 @@ class ServiceWatch:
         known = {e.id: e for e in self.current.endpoints} if self.current is not None else {}
         endpoints: dict[str, Endpoint] = {}
         for instance in instances:
+            metadata = instance.get("metadata")
+            mtls = metadata.get("mtls") if isinstance(metadata, dict) else None
+            tls = mtls in _MTLS_SERVING
             fresh = Endpoint(
                 instance["id"],
-                "http",
+                "https" if tls else "http",
                 instance["address"],
                 instance["port"],
                 instance.get("version"),
                 instance.get("zone"),
+                tls,
+                _port(metadata.get("plain_port")) if tls and isinstance(metadata, dict) else None,
             )
             kept = known.get(fresh.id)
             endpoints.setdefault(
@@ -190,3 +195,15 @@ class ServiceWatch:
                     serving=len(self.current) if self.current is not None else None,
                 )
         self.answered.set()
+
+
+_MTLS_SERVING = frozenset({"strict", "permissive"})
+
+
+def _port(value: object) -> int | None:
+    """A port from registration metadata (a string there), or ``None``."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        port = int(value)
+        if 1 <= port <= 65535:
+            return port
+    return None

@@ -26,6 +26,9 @@ log = structlog.get_logger("mesh.inbound")
 
 _MISSING_IDENTITY = error_body("unauthenticated", "a mesh identity is required")
 _DUPLICATE_IDENTITY = error_body("unauthenticated", "more than one identity header")
+_PLAINTEXT_REFUSED = error_body(
+    "forbidden", "mtls is strict here: only mutual-TLS connections from the mesh are taken"
+)
 _ENGINE_FAILED = error_body("mesh_unavailable", "the mesh could not evaluate this request")
 
 
@@ -100,8 +103,13 @@ class InboundEngine:
         headers: Mapping[str, str],
         *,
         duplicate_token: bool = False,
+        peer: str | None = None,
     ) -> Admission:
         """Decide one request. ``raw_path`` is the path as sent (percent-encoded).
+
+        ``peer`` is the SPIFFE ID of the client certificate when the request came over mesh
+        mutual TLS (``mesh run`` tells), else ``None``: ``mtls: strict`` refuses those, and a
+        token naming another service than the certificate is refused in every mode.
 
         Never raises: should the mesh itself fail, the request is refused with 503 (fail
         closed) and the failure logged, rather than let through or answered with a traceback.
@@ -118,6 +126,8 @@ class InboundEngine:
                 method = method.upper()
             if policy.public is not None and policy.public.matches(path):
                 return self._faults(policy, Admission(path=changed), None, method, path, headers)
+            if peer is None and policy.mtls == "strict":
+                return Admission(403, _PLAINTEXT_REFUSED, path=changed)
             if duplicate_token:
                 return Admission(401, _DUPLICATE_IDENTITY, path=changed)
             caller: CallerIdentity | None = None
@@ -133,6 +143,16 @@ class InboundEngine:
                     )
                 except IdentityError as exc:
                     return Admission(401, error_body("unauthenticated", exc.reason), path=changed)
+                if peer is not None and caller.spiffe_id != peer:
+                    return Admission(
+                        401,
+                        error_body(
+                            "unauthenticated",
+                            f"the identity token names {caller.spiffe_id} but the connection's "
+                            f"certificate names {peer}",
+                        ),
+                        path=changed,
+                    )
             elif policy.strict:
                 return Admission(401, _MISSING_IDENTITY, path=changed)
             name = caller.service if caller is not None else None

@@ -20,6 +20,7 @@ class CompiledPolicy:
     loaded: LoadedPolicy
     service: str
     strict: bool
+    mtls: str  # strict | permissive | off
     public: StringMatcher | None
     authorizer: Authorizer
     faults: tuple[CompiledFault, ...]
@@ -43,6 +44,7 @@ def compile_policy(loaded: LoadedPolicy) -> CompiledPolicy:
         loaded=loaded,
         service=loaded.policy.service,
         strict=inbound.authentication == "strict",
+        mtls=inbound.mtls,
         public=StringMatcher(inbound.public) if inbound.public else None,
         authorizer=authorizer,
         faults=faults,

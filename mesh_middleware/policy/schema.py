@@ -207,6 +207,10 @@ class InboundPolicy(_Strict):
     """What the inbound middleware enforces."""
 
     authentication: Literal["strict", "permissive"] = "strict"
+    # Mutual TLS on the channel (served by `mesh run`): strict takes only mesh mTLS
+    # connections (plaintext requests are refused but for public paths), permissive takes
+    # plaintext too (migration), off serves and calls without TLS.
+    mtls: Literal["strict", "permissive", "off"] = "permissive"
     public: list[PathPattern] = Field(default_factory=list)
     authorization: AuthorizationPolicy = Field(default_factory=AuthorizationPolicy)
     faults: list[Fault] = Field(default_factory=list)

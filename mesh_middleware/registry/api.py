@@ -21,13 +21,16 @@ from starlette.routing import Route
 
 from mesh_middleware.policy.durations import parse_duration
 from mesh_middleware.registry import metrics, settings, telemetry
+from mesh_middleware.registry.ca import CertificateAuthority, CSRError, load_supplied_root
 from mesh_middleware.registry.catalog import Catalog, TooManyWatches
 from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
 from mesh_middleware.registry.models import (
     INSTANCE_ID,
     SERVICE_NAME,
+    CertificateRequest,
     JoinTokenRequest,
     Registration,
+    RootRotation,
     TokenRequest,
 )
 from mesh_middleware.registry.store import InstanceRecord
@@ -57,6 +60,7 @@ class RegistryState:
     catalog: Catalog
     keys: KeyRing
     join_tokens: JoinTokens
+    ca: CertificateAuthority
     admin: AdminToken
     viewer: AdminToken
     dev: bool
@@ -339,6 +343,53 @@ async def issue_token(request: Request) -> Response:
     )
 
 
+async def issue_certificate(request: Request) -> Response:
+    body: CertificateRequest = _validated(CertificateRequest, await _json_body(request))
+    state = _state(request)
+    if body.service is not None and not state.dev and bearer_token(request) is None:
+        raise ApiError(401, "unauthenticated", "a join token is required")
+    service = _caller_service(request, dev_service=body.service)
+    if body.service is not None and body.service != service:
+        raise ApiError(
+            403, "forbidden", f"this join token is for {service!r}, not {body.service!r}"
+        )
+    ca = state.ca
+    try:
+        issued = ca.issue(body.csr, service)
+    except CSRError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    metrics.CERTIFICATES_ISSUED.labels(service).inc()
+    log.info(
+        "certificate_issued", service=service, serial=issued.serial, expires_at=issued.not_after
+    )
+    return _json(
+        {
+            "certificate": issued.certificate_pem,
+            "serial": issued.serial,
+            "spiffe_id": issued.spiffe_id,
+            "not_before": issued.not_before,
+            "expires_at": issued.not_after,
+            "bundle": ca.bundle(),
+            "bundle_index": ca.index,
+        }
+    )
+
+
+async def ca_bundle(request: Request) -> Response:
+    ca = _state(request).ca
+    roots = ca.roots()
+    return _json(
+        {
+            "trust_domain": ca.trust_domain,
+            "index": ca.index,
+            "bundle": [root["certificate"] for root in roots],
+            "roots": roots,
+            "certificate_lifetime": ca.leaf_lifetime,
+        },
+        index=ca.index,
+    )
+
+
 # -- administration --------------------------------------------------------------------------
 
 
@@ -374,6 +425,29 @@ async def rotate_keys(request: Request) -> Response:
     _require_admin(request)
     record = _state(request).keys.rotate()
     return _json({"kid": record.kid, "signs_from": record.activate_at})
+
+
+async def rotate_ca(request: Request) -> Response:
+    _require_admin(request)
+    body: RootRotation = _validated(RootRotation, await _json_body(request) or {})
+    if (body.certificate is None) != (body.key is None):
+        raise ApiError(400, "bad_request", "give both certificate and key, or neither")
+    after: float | None = None
+    if body.activate_after is not None:
+        try:
+            after = parse_duration(body.activate_after)
+        except ValueError:
+            raise ApiError(400, "bad_request", "activate_after must be a duration") from None
+    try:
+        supplied = (
+            load_supplied_root(body.certificate, body.key)
+            if body.certificate is not None and body.key is not None
+            else None
+        )
+        record = _state(request).ca.rotate(supplied=supplied, activate_after=after)
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return _json({"root": record.root_id, "signs_from": record.activate_at})
 
 
 # -- telemetry -------------------------------------------------------------------------------
@@ -477,6 +551,19 @@ async def healthz(request: Request) -> Response:
     }
     if state.dev:
         body["warning"] = "DEV MODE: any caller may register and get tokens for any service"
+    ca = state.ca
+    warnings = ca.warnings()
+    body["ca"] = {
+        "signing_root": ca.signing_root_id(),
+        "roots": [
+            {k: root[k] for k in ("id", "state", "not_after", "signs_from", "retires_at")}
+            for root in ca.roots()
+        ],
+        "certificate_lifetime": ca.leaf_lifetime,
+        "warnings": warnings,
+    }
+    if warnings:
+        body["warnings"] = warnings
     return _json(body)
 
 
@@ -520,10 +607,13 @@ def routes() -> list[Route]:
         ("/v1/identity/trust", trust, ["GET"], "trust"),
         ("/v1/identity/jwks", jwks, ["GET"], "jwks"),
         ("/v1/identity/token", issue_token, ["POST"], "token"),
+        ("/v1/ca/certificates", issue_certificate, ["POST"], "certificate"),
+        ("/v1/ca/bundle", ca_bundle, ["GET"], "ca_bundle"),
         ("/v1/admin/join-tokens", create_join_token, ["POST"], "join_token_create"),
         ("/v1/admin/join-tokens", list_join_tokens, ["GET"], "join_token_list"),
         ("/v1/admin/join-tokens/{token_id}", revoke_join_token, ["DELETE"], "join_token_revoke"),
         ("/v1/admin/keys/rotate", rotate_keys, ["POST"], "rotate"),
+        ("/v1/admin/ca/rotate", rotate_ca, ["POST"], "ca_rotate"),
         ("/v1/telemetry/reports", telemetry_report, ["POST"], "telemetry_report"),
         ("/v1/telemetry/services", telemetry_services, ["GET"], "telemetry_services"),
         ("/v1/telemetry/topology", telemetry_topology, ["GET"], "telemetry_topology"),

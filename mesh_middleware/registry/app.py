@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from mesh_middleware.registry import metrics, settings
 from mesh_middleware.registry.api import RegistryState, routes
+from mesh_middleware.registry.ca import CertificateAuthority, load_supplied_root
 from mesh_middleware.registry.catalog import Catalog
 from mesh_middleware.registry.dashboard import Dashboard
 from mesh_middleware.registry.health import HealthChecker
@@ -44,6 +45,14 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
             rotation=config.key_rotation,
         ),
         join_tokens=JoinTokens(store),
+        ca=CertificateAuthority(
+            store,
+            trust_domain=config.trust_domain,
+            leaf_lifetime=config.cert_lifetime,
+            root_lifetime=config.ca_root_lifetime,
+            activate_after=config.ca_activate_after,
+            supplied=_supplied_root(config),
+        ),
         admin=AdminToken(config.data_dir / "admin.token"),
         viewer=AdminToken(config.data_dir / "viewer.token", prefix="mvt_"),
         dev=config.dev,
@@ -51,6 +60,7 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     )
 
     dashboard = Dashboard(state)
+    _publish_ca(state.ca, warn=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -92,6 +102,14 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     return app
 
 
+def _supplied_root(config: RegistrySettings) -> tuple[str, str] | None:
+    if config.ca_certificate is None and config.ca_key is None:
+        return None
+    if config.ca_certificate is None or config.ca_key is None:
+        raise ValueError("an operator's CA needs both its certificate and its key")
+    return load_supplied_root(config.ca_certificate.read_text(), config.ca_key.read_text())
+
+
 async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
     """Expire leases, run health checks, retire and rotate keys; never stops on a failure."""
     ticks = 0
@@ -104,5 +122,19 @@ async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
             await checker.tick()
             if ticks % 20 == 0:
                 state.keys.maintain()
+                state.ca.maintain()
+                _publish_ca(state.ca, warn=ticks % 7200 == 20)
         except Exception:
             log.exception("maintenance_failed")
+
+
+def _publish_ca(ca: CertificateAuthority, *, warn: bool) -> None:
+    """The CA's state as metrics; its warnings logged at start and then hourly."""
+    metrics.CA_ROOT_EXPIRY.clear()
+    for root in ca.roots():
+        metrics.CA_ROOT_EXPIRY.labels(root["id"][:16], root["state"]).set(root["not_after"])
+    warnings = ca.warnings()
+    metrics.CA_WARNINGS.set(len(warnings))
+    if warn:
+        for warning in warnings:
+            log.warning("ca_warning", warning=warning)

@@ -64,3 +64,27 @@ def create_join_token(url: str, admin: str, service: str) -> str:
         headers={"authorization": f"Bearer {admin}"},
     )
     return str(body["token"])
+
+
+def rotate_ca(
+    url: str,
+    admin: str,
+    *,
+    certificate: str | None = None,
+    key: str | None = None,
+    activate_after: str | None = None,
+) -> dict[str, Any]:
+    """Rotate the CA root (to the operator's when ``certificate`` and ``key`` are given)."""
+    body: dict[str, str] = {}
+    if certificate is not None and key is not None:
+        body.update(certificate=certificate, key=key)
+    if activate_after is not None:
+        body["activate_after"] = activate_after
+    answer = _call(
+        "POST",
+        url,
+        "/v1/admin/ca/rotate",
+        json=body,
+        headers={"authorization": f"Bearer {admin}"},
+    )
+    return dict(answer)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 __all__ = [
+    "CA_ROOT_EXPIRY",
+    "CA_WARNINGS",
+    "CERTIFICATES_ISSUED",
     "EXPIRIES",
     "INDEX",
     "INSTANCES",
@@ -41,3 +44,20 @@ TOKENS_ISSUED = Counter(
 INSTANCES = Gauge("mesh_registry_instances", "Registered instances.", registry=REGISTRY)
 WATCHERS = Gauge("mesh_registry_watchers", "Long-poll watches waiting now.", registry=REGISTRY)
 INDEX = Gauge("mesh_registry_index", "The catalog's change index.", registry=REGISTRY)
+CERTIFICATES_ISSUED = Counter(
+    "mesh_registry_certificates_issued",
+    "Leaf certificates signed by the mesh CA.",
+    ["service"],
+    registry=REGISTRY,
+)
+CA_ROOT_EXPIRY = Gauge(
+    "mesh_registry_ca_root_expiry_timestamp_seconds",
+    "When each trusted CA root expires (unix time).",
+    ["root", "state"],
+    registry=REGISTRY,
+)
+CA_WARNINGS = Gauge(
+    "mesh_registry_ca_warnings",
+    "CA problems an operator must act on (roots expiring soon, leaves cut short).",
+    registry=REGISTRY,
+)

@@ -23,9 +23,11 @@ from mesh_middleware.registry import settings
 __all__ = [
     "INSTANCE_ID",
     "SERVICE_NAME",
+    "CertificateRequest",
     "HealthCheck",
     "JoinTokenRequest",
     "Registration",
+    "RootRotation",
     "TokenRequest",
 ]
 
@@ -116,6 +118,21 @@ class TokenRequest(_Body):
 
     audience: ServiceName
     service: ServiceName | None = None
+
+
+class CertificateRequest(_Body):
+    """Ask the CA to sign ``csr`` (PEM); ``service`` only in dev mode (no join token)."""
+
+    csr: str = Field(min_length=1, max_length=16 * 1024)
+    service: ServiceName | None = None
+
+
+class RootRotation(_Body):
+    """Rotate the CA root: to a new one the registry makes, or to the operator's."""
+
+    certificate: str | None = Field(default=None, max_length=32 * 1024)
+    key: str | None = Field(default=None, max_length=32 * 1024)
+    activate_after: str | None = None
 
 
 class JoinTokenRequest(_Body):

@@ -22,6 +22,12 @@ SWEEP_SECONDS = 0.5
 # it signs; the refetch on an unknown kid is only the fallback.
 KEY_PUBLISH_LEAD_SECONDS = 360.0
 KEY_ROTATION_SECONDS = 24 * 3600.0
+# Leaf certificates live a day and renew at half life (Istio's workload default); a root the
+# registry creates lives a year and rotates itself with a third left.
+CERT_LIFETIME_SECONDS = 24 * 3600.0
+CA_ROOT_LIFETIME_SECONDS = 365 * 86400.0
+# A new root signs only after every instance refetched the bundle (each does every minute).
+CA_ACTIVATE_AFTER_SECONDS = 600.0
 MAX_WATCHED_SERVICES = 10_000
 MAX_HEALTH_CHECKS_IN_FLIGHT = 100
 
@@ -47,6 +53,11 @@ class RegistrySettings:
     token_lifetime: int = defaults.TOKEN_LIFETIME_SECONDS
     key_publish_lead: float = KEY_PUBLISH_LEAD_SECONDS
     key_rotation: float = KEY_ROTATION_SECONDS
+    cert_lifetime: float = CERT_LIFETIME_SECONDS
+    ca_root_lifetime: float = CA_ROOT_LIFETIME_SECONDS
+    ca_activate_after: float = CA_ACTIVATE_AFTER_SECONDS
+    ca_certificate: Path | None = None  # an operator's CA (PEM); the registry makes one if not
+    ca_key: Path | None = None
 
     @property
     def store(self) -> str:

@@ -28,6 +28,7 @@ from mesh_middleware.policy.compiled import CompiledPolicy, compile_policy, comp
 from mesh_middleware.policy.durations import parse_duration
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
+from mesh_middleware.runtime.certificates import CertificateManager, TLSContexts, TLSFiles
 from mesh_middleware.runtime.policy_watch import PolicyFileWatch
 from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
@@ -38,6 +39,8 @@ from mesh_middleware.telemetry.otel import enable_otlp
 from mesh_middleware.telemetry.reports import EdgeReporter
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
     import requests
 
@@ -86,6 +89,7 @@ class Mesh:
         registry_timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
         report_interval: float = defaults.REPORT_INTERVAL_SECONDS,
         version: str | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         if version is not None and not 0 < len(version) <= 63:
             raise ValueError(f"version must be 1 to 63 characters, got {version!r}")
@@ -131,6 +135,19 @@ class Mesh:
                 self.registry_url, join_token, advertise, registration_ttl, registry_timeout
             )
             self._link.tick()  # learn trust and keys now if the registry answers; else retry
+        self.certificates: CertificateManager | None = None
+        self.tls: TLSContexts | None = None
+        """This process's mutual-TLS contexts (``None`` without a registry or ``mesh run``)."""
+        directory = tls_dir if tls_dir is not None else os.environ.get("MESH_TLS_DIR") or None
+        if directory is not None:
+            # Under `mesh run`: the launcher keeps the files fresh; this process reloads them.
+            self.tls = TLSContexts(TLSFiles(Path(directory)), lambda: self.trust_domain)
+            self.tls.reload_if_changed()
+        elif self._link is not None:
+            self.certificates = CertificateManager(
+                self._link.client, lambda: self.service, lambda: self.trust_domain
+            )
+            self.tls = self.certificates.contexts
         self._loop = (
             BackgroundLoop("mesh-background", poll_interval, self._tick)
             if watch or self._link is not None
@@ -165,7 +182,9 @@ class Mesh:
             client,
             keys=self.keys,
             keys_from_registry=self._keys_from_registry,
-            registration=Registration(client, address, ttl=registration_ttl),
+            registration=Registration(
+                client, address, ttl=registration_ttl, serving=_serving_from_env()
+            ),
             tokens=TokenCache(
                 lambda audience, wait: client.token(self.service, audience, timeout=wait)
             ),
@@ -312,6 +331,32 @@ class Mesh:
         link = self._link
         return link.tokens.get(audience) if link is not None else None
 
+    def client_tls(
+        self, *, wait: float = defaults.TOKEN_FETCH_WAIT_SECONDS
+    ) -> ssl.SSLContext | None:
+        """The context mutual-TLS calls use, once this instance holds a mesh certificate.
+
+        ``None`` when the policy says ``mtls: off``, without a registry, or when no
+        certificate could be had within about ``wait`` seconds (0: do not fetch now; it is
+        then fetched in the background). The context is the same object for the Mesh's whole
+        life; renewals change what it presents, not what it is.
+        """
+        tls = self.tls
+        if tls is None or self._state[0].mtls == "off":
+            return None
+        if not tls.ready:
+            certificates = self.certificates
+            link = self._link
+            if certificates is None:
+                return None
+            certificates.want()
+            if wait <= 0 or (link is not None and link.in_outage):
+                if self._loop is not None:
+                    self._loop.wake()
+                return None
+            certificates.obtain(timeout=wait)
+        return tls.client if tls.ready else None
+
     # -- outbound clients ----------------------------------------------------------------
 
     def async_client(self, **options: Any) -> httpx.AsyncClient:
@@ -431,6 +476,10 @@ class Mesh:
         if self._link is not None:
             self._link.tick()
             self._report()
+        if self.certificates is not None:
+            self.certificates.tick()
+        elif self.tls is not None:
+            self.tls.reload_if_changed()
         if self.keys.source is None or self._keys_from_registry:
             return
         if self.keys.is_url:
@@ -461,6 +510,8 @@ class Mesh:
             self._loop.stop()
         if self._link is not None:
             self._link.client.close()
+        if self.certificates is not None:
+            self.certificates.close()
         flush_access_logs()
 
     def __enter__(self) -> Mesh:
@@ -468,6 +519,18 @@ class Mesh:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _serving_from_env() -> dict[str, str]:
+    """What ``mesh run`` serves, as registration metadata for callers."""
+    serving: dict[str, str] = {}
+    mode = os.environ.get("MESH_MTLS_SERVING")
+    if mode in ("strict", "permissive"):
+        serving["mtls"] = mode
+        plain = os.environ.get("MESH_PLAIN_PORT")
+        if mode == "permissive" and plain and plain.isdigit():
+            serving["plain_port"] = plain
+    return serving
 
 
 def _stop_at_exit(ref: weakref.ref[Mesh]) -> None:

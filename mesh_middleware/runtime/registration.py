@@ -50,6 +50,7 @@ class Registration:
         address: AddressFinder,
         *,
         ttl: str = defaults.REGISTRATION_TTL,
+        serving: dict[str, str] | None = None,
         retry_seconds: float = defaults.REGISTRY_BACKOFF_CAP_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         uniform: Callable[[float, float], float] = random.uniform,
@@ -59,6 +60,8 @@ class Registration:
         self.client = client
         self.address = address
         self.framework = "unknown"
+        # What `mesh run` serves, for callers: {"mtls": strict|permissive, "plain_port": N}.
+        self.serving = dict(serving or {})
         self.registered: tuple[str, str] | None = None
         """``(service, instance_id)`` as last acknowledged by the registry."""
         self._retry_seconds = retry_seconds
@@ -165,7 +168,11 @@ class Registration:
         body: dict[str, Any] = {
             "address": address.host,
             "port": address.port,
-            "metadata": {"pid": str(self._owner_pid), "framework": self.framework},
+            "metadata": {
+                "pid": str(self._owner_pid),
+                "framework": self.framework,
+                **self.serving,
+            },
             "ttl": self.ttl_text,
         }
         version, zone = policy.loaded.policy.version, policy.loaded.policy.zone

@@ -23,6 +23,7 @@ from mesh_middleware._version import __version__
 from mesh_middleware.policy.durations import parse_duration
 
 __all__ = [
+    "IssuedCertificate",
     "IssuedToken",
     "RegistryClient",
     "RegistryError",
@@ -71,6 +72,22 @@ class IssuedToken:
     audience: str
     expires_at: float
     lifetime: float
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A leaf certificate from the mesh CA, and the trust bundle that came with it."""
+
+    certificate: str
+    not_before: float
+    expires_at: float
+    serial: str
+    bundle: tuple[str, ...]
+    bundle_index: int
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.not_before
 
 
 class RegistryClient:
@@ -198,6 +215,38 @@ class RegistryClient:
             raise RegistryUnavailable("token: the answer lacks token or expires_at")
         return IssuedToken(token, audience, float(expires_at), _lifetime(token, expires_at))
 
+    def certificate(
+        self, service: str, csr: str, *, timeout: float | None = None
+    ) -> IssuedCertificate:
+        """``POST /v1/ca/certificates``: the CA signs ``csr`` for this service."""
+        body: dict[str, str] = {"csr": csr}
+        if not self.join_token:
+            body["service"] = service  # dev-mode registries take the service from the body
+        _, answer = self._ok("POST", "/v1/ca/certificates", body=body, timeout=timeout)
+        if not isinstance(answer, dict):
+            raise RegistryUnavailable("certificate: the answer is not an object")
+        pem, not_before, expires_at = (
+            answer.get(k) for k in ("certificate", "not_before", "expires_at")
+        )
+        if (
+            not isinstance(pem, str)
+            or not isinstance(not_before, int | float)
+            or not isinstance(expires_at, int | float)
+        ):
+            raise RegistryUnavailable("certificate: the answer lacks certificate or its validity")
+        bundle, index = _bundle_answer(answer, "bundle_index")
+        return IssuedCertificate(
+            pem, float(not_before), float(expires_at), str(answer.get("serial")), bundle, index
+        )
+
+    def ca_bundle(self, *, timeout: float | None = None) -> tuple[int, tuple[str, ...]]:
+        """``GET /v1/ca/bundle``: the index and PEM of every trusted root."""
+        _, answer = self._ok("GET", "/v1/ca/bundle", timeout=timeout)
+        if not isinstance(answer, dict):
+            raise RegistryUnavailable("bundle: the answer is not an object")
+        bundle, index = _bundle_answer(answer, "index")
+        return index, bundle
+
     def instances(
         self, service: str, *, index: int | None, wait: str | None, timeout: float
     ) -> tuple[int, list[dict[str, Any]]]:
@@ -277,6 +326,19 @@ def _valid_instance(instance: Any) -> bool:
         and 1 <= port <= 65535
         and all(isinstance(instance.get(k), str | None) for k in ("version", "zone"))
     )
+
+
+def _bundle_answer(answer: dict[str, Any], index_key: str) -> tuple[tuple[str, ...], int]:
+    bundle, index = answer.get("bundle"), answer.get(index_key)
+    if (
+        not isinstance(bundle, list)
+        or not bundle
+        or not all(isinstance(pem, str) and "BEGIN CERTIFICATE" in pem for pem in bundle)
+    ):
+        raise RegistryUnavailable("the answer lacks a trust bundle of PEM certificates")
+    if type(index) is not int:
+        raise RegistryUnavailable(f"invalid bundle index {index!r}")
+    return tuple(bundle), index
 
 
 def _reason(answer: Any) -> str:

@@ -36,6 +36,8 @@ __all__ = [
     "AUTHORIZATION_DENIALS",
     "BUDGET",
     "BYTE_BUCKETS",
+    "CERTIFICATE_EXPIRY",
+    "CERTIFICATE_RENEWALS",
     "CIRCUIT_OPEN",
     "CLIENT_GONE",
     "CONNECT_FAILURE",
@@ -639,6 +641,19 @@ REGISTRY_CALLS = Counter(
     "mesh_registry_client_calls",
     "Calls from this process to the registry, by operation and result (ok, refused, unavailable).",
     ["service", "operation", "result"],
+)
+
+CERTIFICATE_EXPIRY = Gauge(
+    "mesh_certificate_expiry_timestamp_seconds",
+    "When this instance's mesh certificate expires (unix time; renewed at half life).",
+    ["service"],
+    multiprocess_mode="livemin",
+)
+
+CERTIFICATE_RENEWALS = Counter(
+    "mesh_certificate_renewals",
+    "Certificates asked of the mesh CA, by result (ok, refused, unavailable).",
+    ["service", "result"],
 )
 
 OUTBOUND_RETRIES = Counter(

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,15 +58,22 @@ class Registry:
         self.proc.wait(timeout=10)
 
 
-def registry_argv(port: int, data_dir: Path, *, dev: bool = False) -> list[str]:
+def registry_argv(
+    port: int, data_dir: Path, *, dev: bool = False, extra: Sequence[str] = ()
+) -> list[str]:
     argv = [sys.executable, "-m", "mesh_middleware", "registry", "--port", str(port)]
-    argv += ["--data-dir", str(data_dir)]
+    argv += ["--data-dir", str(data_dir), *extra]
     return [*argv, "--dev"] if dev else argv
 
 
 @contextmanager
 def start_registry(
-    data_dir: Path, *, dev: bool = False, port: int | None = None, timeout: float = 20.0
+    data_dir: Path,
+    *,
+    dev: bool = False,
+    port: int | None = None,
+    timeout: float = 20.0,
+    extra: Sequence[str] = (),
 ) -> Iterator[Registry]:
     """Run `mesh registry` on a free loopback port until ``/healthz`` answers; stop it after.
 
@@ -81,7 +88,7 @@ def start_registry(
     env.pop("MESH_REGISTRY_DATA", None)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            registry_argv(port, data_dir, dev=dev),
+            registry_argv(port, data_dir, dev=dev, extra=extra),
             env=env,
             cwd=REPO,
             stdout=out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["InstanceRecord", "JoinTokenRecord", "KeyRecord", "Store"]
+__all__ = ["CARootRecord", "InstanceRecord", "JoinTokenRecord", "KeyRecord", "Store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,21 @@ class KeyRecord:
     retire_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class CARootRecord:
+    """A root of the mesh CA: trusted from creation, signs from ``activate_at``, gone at
+    ``retire_at``. ``supplied`` roots came from the operator and are never rotated by the
+    registry itself."""
+
+    root_id: str
+    certificate_pem: str
+    key_pem: str
+    created_at: float
+    activate_at: float
+    retire_at: float | None
+    supplied: bool
+
+
 class Store(Protocol):
     """What the registry needs from its storage."""
 
@@ -76,4 +91,7 @@ class Store(Protocol):
     def load_keys(self) -> list[KeyRecord]: ...
     def put_key(self, record: KeyRecord) -> None: ...
     def delete_key(self, kid: str) -> None: ...
+    def load_ca_roots(self) -> list[CARootRecord]: ...
+    def put_ca_root(self, record: CARootRecord) -> None: ...
+    def delete_ca_root(self, root_id: str) -> None: ...
     def close(self) -> None: ...

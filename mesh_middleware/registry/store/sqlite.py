@@ -13,7 +13,12 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mesh_middleware.registry.store.base import InstanceRecord, JoinTokenRecord, KeyRecord
+from mesh_middleware.registry.store.base import (
+    CARootRecord,
+    InstanceRecord,
+    JoinTokenRecord,
+    KeyRecord,
+)
 
 __all__ = ["SQLiteStore", "open_store"]
 
@@ -44,6 +49,15 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     created_at REAL NOT NULL,
     activate_at REAL NOT NULL,
     retire_at REAL
+);
+CREATE TABLE IF NOT EXISTS ca_roots (
+    root_id TEXT PRIMARY KEY,
+    certificate_pem TEXT NOT NULL,
+    key_pem TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    activate_at REAL NOT NULL,
+    retire_at REAL,
+    supplied INTEGER NOT NULL
 );
 """
 
@@ -185,6 +199,33 @@ class SQLiteStore:
 
     def delete_key(self, kid: str) -> None:
         self._write("DELETE FROM signing_keys WHERE kid = ?", (kid,))
+
+    def load_ca_roots(self) -> list[CARootRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT root_id, certificate_pem, key_pem, created_at, activate_at, retire_at,"
+                " supplied FROM ca_roots"
+            ).fetchall()
+        return [
+            CARootRecord(r[0], r[1], r[2], float(r[3]), float(r[4]), r[5], bool(r[6])) for r in rows
+        ]
+
+    def put_ca_root(self, record: CARootRecord) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO ca_roots VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.root_id,
+                record.certificate_pem,
+                record.key_pem,
+                record.created_at,
+                record.activate_at,
+                record.retire_at,
+                int(record.supplied),
+            ),
+        )
+
+    def delete_ca_root(self, root_id: str) -> None:
+        self._write("DELETE FROM ca_roots WHERE root_id = ?", (root_id,))
 
     def close(self) -> None:
         with self._lock:

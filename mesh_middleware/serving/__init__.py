@@ -1,0 +1,1 @@
+"""Serving apps with the mesh's mutual TLS: the ``mesh run`` launcher."""
