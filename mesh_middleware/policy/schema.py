@@ -203,6 +203,11 @@ class Fault(_Strict):
         return self
 
 
+def _mtls_mode(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false; `mtls: off` is what everyone will write.
+    return "off" if value is False else value
+
+
 class InboundPolicy(_Strict):
     """What the inbound middleware enforces."""
 
@@ -210,7 +215,9 @@ class InboundPolicy(_Strict):
     # Mutual TLS on the channel (served by `mesh run`): strict takes only mesh mTLS
     # connections (plaintext requests are refused but for public paths), permissive takes
     # plaintext too (migration), off serves and calls without TLS.
-    mtls: Literal["strict", "permissive", "off"] = "permissive"
+    mtls: Annotated[Literal["strict", "permissive", "off"], BeforeValidator(_mtls_mode)] = (
+        "permissive"
+    )
     public: list[PathPattern] = Field(default_factory=list)
     authorization: AuthorizationPolicy = Field(default_factory=AuthorizationPolicy)
     faults: list[Fault] = Field(default_factory=list)

@@ -369,6 +369,7 @@ async def issue_certificate(request: Request) -> Response:
             "spiffe_id": issued.spiffe_id,
             "not_before": issued.not_before,
             "expires_at": issued.not_after,
+            "expires_in": round(issued.not_after - time.time(), 3),
             "bundle": ca.bundle(),
             "bundle_index": ca.index,
         }

@@ -248,9 +248,9 @@ class CertificateManager:
         self.contexts.reload_if_changed()
         now = self._clock()
         lifetime = max(issued.lifetime, 1.0)
-        left = max(issued.expires_at - time.time(), 0.0)
+        left = lifetime
         # Half its life from issue, jittered so that a fleet started together spreads out.
-        self._renew_at = now + min(lifetime * 0.5 * self._uniform(0.9, 1.0), left)
+        self._renew_at = now + lifetime * 0.5 * self._uniform(0.9, 1.0)
         self._bundle_at = now + BUNDLE_REFRESH_SECONDS * self._uniform(0.9, 1.1)
         self._bundle_index = issued.bundle_index
         self._retry = _MIN_RETRY_SECONDS

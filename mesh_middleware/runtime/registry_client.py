@@ -84,10 +84,7 @@ class IssuedCertificate:
     serial: str
     bundle: tuple[str, ...]
     bundle_index: int
-
-    @property
-    def lifetime(self) -> float:
-        return self.expires_at - self.not_before
+    lifetime: float  # seconds from issue to expiry, as the CA counts them (no clock skew)
 
 
 class RegistryClient:
@@ -235,8 +232,20 @@ class RegistryClient:
         ):
             raise RegistryUnavailable("certificate: the answer lacks certificate or its validity")
         bundle, index = _bundle_answer(answer, "bundle_index")
+        expires_in = answer.get("expires_in")
+        lifetime = (
+            float(expires_in)
+            if isinstance(expires_in, int | float) and expires_in > 0
+            else max(float(expires_at) - time.time(), 0.0)
+        )
         return IssuedCertificate(
-            pem, float(not_before), float(expires_at), str(answer.get("serial")), bundle, index
+            pem,
+            float(not_before),
+            float(expires_at),
+            str(answer.get("serial")),
+            bundle,
+            index,
+            lifetime,
         )
 
     def ca_bundle(self, *, timeout: float | None = None) -> tuple[int, tuple[str, ...]]:

@@ -75,10 +75,12 @@ def issuer_of(ca: CertificateAuthority, pem: str) -> x509.Certificate:
     raise AssertionError("no root in the bundle issued this leaf")
 
 
-def operator_root(lifetime_days: int = 3650, *, ca: bool = True) -> tuple[str, str]:
+def operator_root(
+    lifetime_days: int = 3650, *, ca: bool = True, age_days: int = 0
+) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
-    now = datetime.datetime.now(tz=datetime.UTC)
+    now = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(days=age_days)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
