@@ -7,7 +7,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh_middleware._version import __version__
-from mesh_middleware.registry.models import JoinTokenRequest, Registration, TokenRequest
+from mesh_middleware.registry.models import (
+    CertificateRequest,
+    JoinTokenRequest,
+    Registration,
+    RootRotation,
+    TokenRequest,
+)
 from mesh_middleware.registry.telemetry import TelemetryReport
 
 __all__ = ["openapi_document"]
@@ -69,7 +75,14 @@ def openapi_document() -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
         }
     }
-    for model in (Registration, TokenRequest, JoinTokenRequest, TelemetryReport):
+    for model in (
+        Registration,
+        TokenRequest,
+        CertificateRequest,
+        RootRotation,
+        JoinTokenRequest,
+        TelemetryReport,
+    ):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -124,6 +137,20 @@ def openapi_document() -> dict[str, Any]:
                 "responses": _answers(200, 400, 401, 413),
             }
         },
+        "/v1/ca/certificates": {
+            "post": {
+                "summary": "Sign a CSR: a leaf certificate for the join token's service",
+                "security": _BEARER,
+                "requestBody": _body(CertificateRequest),
+                "responses": _answers(200, 400, 401, 403, 413),
+            }
+        },
+        "/v1/ca/bundle": {
+            "get": {
+                "summary": "The trust bundle: every trusted CA root and its state",
+                "responses": _answers(200),
+            }
+        },
         "/v1/admin/join-tokens": {
             "post": {
                 "summary": "Create a join token (shown once)",
@@ -157,6 +184,14 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Rotate the signing key",
                 "security": _BEARER,
                 "responses": _answers(200, 401),
+            }
+        },
+        "/v1/admin/ca/rotate": {
+            "post": {
+                "summary": "Rotate the CA root (to a new one, or to the operator's)",
+                "security": _BEARER,
+                "requestBody": {**_body(RootRotation), "required": False},
+                "responses": _answers(200, 400, 401, 413),
             }
         },
         "/v1/telemetry/reports": {
