@@ -146,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers,
             policy=args.policy,
             cert_wait=args.cert_wait,
+            timeout_keep_alive=args.timeout_keep_alive,
         )
     )
 
@@ -482,6 +483,13 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="D",
         help="how long to wait for the first certificate (default 30s)",
+    )
+    run.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=5,
+        metavar="S",
+        help="close idle connections after S seconds (default 5)",
     )
     run.set_defaults(run=_run)
 

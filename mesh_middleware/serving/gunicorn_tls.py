@@ -120,6 +120,7 @@ def serve_gunicorn(options: RunOptions, manager: CertificateManager | None) -> i
         "workers": options.workers,
         "worker_class": f"{MeshSyncWorker.__module__}.{MeshSyncWorker.__name__}",
         "graceful_timeout": 5,
+        "keepalive": options.timeout_keep_alive,
         "loglevel": "warning",
     }
     _Application(options.app, settings).run()

@@ -55,6 +55,7 @@ class RunOptions:
     workers: int = 1
     policy: str | None = None
     cert_wait: float = 30.0
+    timeout_keep_alive: int = 5  # seconds an idle connection is kept (uvicorn's default)
 
 
 def _say(message: str) -> None:
@@ -169,7 +170,11 @@ def _serve_uvicorn(options: RunOptions, manager: CertificateManager | None, mode
 
     from mesh_middleware.serving.uvicorn_tls import LinkedServer, tell_peer
 
-    common: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 5}
+    common: dict[str, Any] = {
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 5,
+        "timeout_keep_alive": options.timeout_keep_alive,
+    }
     servers: list[LinkedServer] = []
     if manager is None:
         servers.append(
