@@ -95,7 +95,12 @@ def _registry(args: argparse.Namespace) -> int:
         ca_activate_after=args.ca_activate_after,
         ca_certificate=Path(args.ca_cert) if args.ca_cert else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
+        tls_certificate=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
     )
+    if (config.tls_certificate is None) != (config.tls_key is None):
+        print("mesh registry: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     if (config.ca_certificate is None) != (config.ca_key is None):
         print("mesh registry: --ca-cert and --ca-key go together", file=sys.stderr)
         return 2
@@ -453,6 +458,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     registry.add_argument("--ca-cert", default=None, metavar="FILE", help="an operator's CA (PEM)")
     registry.add_argument("--ca-key", default=None, metavar="FILE", help="its private key (PEM)")
+    registry.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="FILE",
+        help="serve the API over HTTPS with this certificate (clients: MESH_REGISTRY_CA)",
+    )
+    registry.add_argument("--tls-key", default=None, metavar="FILE", help="its private key")
     registry.set_defaults(run=_registry)
 
     run = commands.add_parser(

@@ -21,6 +21,7 @@ import structlog
 from joserfc.jwk import OKPKey
 
 from mesh_middleware import defaults
+from mesh_middleware.identity.registry_trust import registry_verify
 
 __all__ = ["KeyStore", "parse_jwks"]
 
@@ -191,7 +192,7 @@ class KeyStore:
         deadline = time.monotonic() + self._timeout
         body = bytearray()
         with (
-            httpx.Client(timeout=self._timeout) as client,
+            httpx.Client(timeout=self._timeout, verify=registry_verify()) as client,
             client.stream("GET", self.source or "", headers={"accept": "application/json"}) as r,
         ):
             r.raise_for_status()

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from mesh_middleware.registry.settings import default_data_dir
+from mesh_middleware.runtime.registry_client import registry_verify
 
 __all__ = ["RegistryError", "admin_token", "create_join_token", "get_json"]
 
@@ -38,7 +39,9 @@ def admin_token(given: str | None, data_dir: str | None = None) -> str:
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
     try:
-        response = httpx.request(method, url.rstrip("/") + path, timeout=_TIMEOUT, **kwargs)
+        response = httpx.request(
+            method, url.rstrip("/") + path, timeout=_TIMEOUT, verify=registry_verify(), **kwargs
+        )
     except httpx.HTTPError as exc:
         raise RegistryError(f"cannot reach the registry at {url}: {exc}") from None
     try:

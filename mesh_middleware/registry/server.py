@@ -44,10 +44,11 @@ def serve(config: RegistrySettings) -> int:
         )
     if config.dev:
         print(_DEV_BANNER, file=out)
+    scheme = "https" if config.tls_certificate is not None else "http"
     print(
-        f"mesh registry: http://{config.host}:{config.port}  store {state.store_url}"
+        f"mesh registry: {scheme}://{config.host}:{config.port}  store {state.store_url}"
         f"  trust domain {config.trust_domain}\n"
-        f"mesh registry: dashboard http://{config.host}:{config.port}/ui/"
+        f"mesh registry: dashboard {scheme}://{config.host}:{config.port}/ui/"
         f"  (sign in with viewer.token or admin.token from {config.data_dir})",
         file=out,
         flush=True,
@@ -60,6 +61,8 @@ def serve(config: RegistrySettings) -> int:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            ssl_certfile=config.tls_certificate,
+            ssl_keyfile=config.tls_key,
         )
     )
     server.dashboard = app.state.dashboard

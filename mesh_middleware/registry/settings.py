@@ -58,6 +58,8 @@ class RegistrySettings:
     ca_activate_after: float = CA_ACTIVATE_AFTER_SECONDS
     ca_certificate: Path | None = None  # an operator's CA (PEM); the registry makes one if not
     ca_key: Path | None = None
+    tls_certificate: Path | None = None  # serve the API over HTTPS with this certificate (PEM)
+    tls_key: Path | None = None
 
     @property
     def store(self) -> str:

@@ -20,6 +20,7 @@ import httpx
 
 from mesh_middleware import defaults
 from mesh_middleware._version import __version__
+from mesh_middleware.identity.registry_trust import registry_verify
 from mesh_middleware.policy.durations import parse_duration
 
 __all__ = [
@@ -30,7 +31,9 @@ __all__ = [
     "RegistryRefused",
     "RegistryUnavailable",
     "TrustBundle",
+    "registry_verify",
 ]
+
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 
@@ -122,7 +125,10 @@ class RegistryClient:
                 if self.join_token:
                     headers["authorization"] = f"Bearer {self.join_token}"
                 self._client = httpx.Client(
-                    timeout=self.timeout, headers=headers, follow_redirects=False
+                    timeout=self.timeout,
+                    headers=headers,
+                    follow_redirects=False,
+                    verify=registry_verify(),
                 )
             return self._client
 

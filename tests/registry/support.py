@@ -74,6 +74,7 @@ def start_registry(
     port: int | None = None,
     timeout: float = 20.0,
     extra: Sequence[str] = (),
+    scheme: str = "http",
 ) -> Iterator[Registry]:
     """Run `mesh registry` on a free loopback port until ``/healthz`` answers; stop it after.
 
@@ -96,14 +97,14 @@ def start_registry(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    registry = Registry(f"http://127.0.0.1:{port}", port, data_dir, proc, out_path, err_path)
+    registry = Registry(f"{scheme}://127.0.0.1:{port}", port, data_dir, proc, out_path, err_path)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"registry exited with {proc.returncode}:\n{registry.stderr()}")
             try:
-                httpx.get(f"{registry.url}/healthz", timeout=1.0)
+                httpx.get(f"{registry.url}/healthz", timeout=1.0, verify=False)  # noqa: S501 - readiness only
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:

@@ -1,0 +1,19 @@
+"""How the mesh's own HTTPS calls to a registry (and JWKS URLs) check the server."""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+__all__ = ["registry_verify"]
+
+
+def registry_verify() -> ssl.SSLContext | bool:
+    """The system's trust store, plus ``MESH_REGISTRY_CA`` (a PEM file of the CA that signed
+    an ``https://`` registry's certificate) when it is set."""
+    path = os.environ.get("MESH_REGISTRY_CA")
+    if not path:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=path)
+    return context
