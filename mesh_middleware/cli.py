@@ -386,6 +386,17 @@ def _registry_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-token",
+        default=None,
+        help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="the registry's data dir (for admin.token)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesh", description="mesh-middleware: the mesh in-process."
@@ -519,14 +530,7 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("--cert", default=None, metavar="FILE", help="the operator's new CA")
     rotate.add_argument("--key", default=None, metavar="FILE", help="its private key")
     rotate.add_argument("--activate-after", default=None, metavar="D", help="default: 10m")
-    rotate.add_argument(
-        "--admin-token",
-        default=None,
-        help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
-    )
-    rotate.add_argument(
-        "--data-dir", default=None, metavar="DIR", help="the registry's data dir (for admin.token)"
-    )
+    _admin_options(rotate)
     rotate.set_defaults(run=_ca_rotate)
 
     token = commands.add_parser("token", help="join tokens")
@@ -536,14 +540,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("service", metavar="SERVICE")
     _registry_option(create)
-    create.add_argument(
-        "--admin-token",
-        default=None,
-        help="default $MESH_ADMIN_TOKEN or the registry data dir's admin.token",
-    )
-    create.add_argument(
-        "--data-dir", default=None, metavar="DIR", help="the registry's data dir (for admin.token)"
-    )
+    _admin_options(create)
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=_token_create)
 

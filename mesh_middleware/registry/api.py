@@ -124,6 +124,17 @@ def _caller_service(request: Request, *, dev_service: str | None) -> str:
     return service
 
 
+def _acting_for(request: Request, named: str | None) -> str:
+    """The service a token or certificate is for: the join token's, or (dev mode, no join
+    token) the one the body names; a body naming another service than the token's is a 403."""
+    if named is not None and not _state(request).dev and bearer_token(request) is None:
+        raise ApiError(401, "unauthenticated", "a join token is required")
+    service = _caller_service(request, dev_service=named)
+    if named is not None and named != service:
+        raise ApiError(403, "forbidden", f"this join token is for {service!r}, not {named!r}")
+    return service
+
+
 async def _json_body(request: Request) -> Any:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > settings.MAX_BODY_BYTES):
@@ -322,13 +333,7 @@ async def jwks(request: Request) -> Response:
 async def issue_token(request: Request) -> Response:
     body: TokenRequest = _validated(TokenRequest, await _json_body(request))
     state = _state(request)
-    if body.service is not None and not state.dev and bearer_token(request) is None:
-        raise ApiError(401, "unauthenticated", "a join token is required")
-    service = _caller_service(request, dev_service=body.service)
-    if body.service is not None and body.service != service:
-        raise ApiError(
-            403, "forbidden", f"this join token is for {service!r}, not {body.service!r}"
-        )
+    service = _acting_for(request, body.service)
     token, expires_at = state.keys.mint(service, body.audience)
     metrics.TOKENS_ISSUED.labels(service).inc()
     lifetime = state.keys.token_lifetime
@@ -346,13 +351,7 @@ async def issue_token(request: Request) -> Response:
 async def issue_certificate(request: Request) -> Response:
     body: CertificateRequest = _validated(CertificateRequest, await _json_body(request))
     state = _state(request)
-    if body.service is not None and not state.dev and bearer_token(request) is None:
-        raise ApiError(401, "unauthenticated", "a join token is required")
-    service = _caller_service(request, dev_service=body.service)
-    if body.service is not None and body.service != service:
-        raise ApiError(
-            403, "forbidden", f"this join token is for {service!r}, not {body.service!r}"
-        )
+    service = _acting_for(request, body.service)
     ca = state.ca
     try:
         issued = ca.issue(body.csr, service)

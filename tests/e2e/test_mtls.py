@@ -95,7 +95,10 @@ def test_sample_services_talk_over_mutual_tls_and_nothing_in_plaintext(
         running(
             uvicorn_argv("sample_apps.gateway.app:app", gateway_port),
             port=gateway_port,
-            env={**run_env(registry, GATEWAY_POLICY), "MESH_ADVERTISE": f"127.0.0.1:{gateway_port}"},
+            env={
+                **run_env(registry, GATEWAY_POLICY),
+                "MESH_ADVERTISE": f"127.0.0.1:{gateway_port}",
+            },
             log_path=tmp_path / "gateway.log",
         ),
     ):
@@ -247,7 +250,9 @@ def test_gunicorn_workers_serve_mutual_tls_and_see_the_peer(
                 assert answer.json()["caller"] == "gateway"
             session.close()
         gateway = dev_certificate(registry.url, "gateway", tmp_path)
-        mismatch = as_service(gateway, port, {"x-mesh-identity": dev_token(registry.url, "orders", "inventory")})
+        mismatch = as_service(
+            gateway, port, {"x-mesh-identity": dev_token(registry.url, "orders", "inventory")}
+        )
         assert mismatch.status_code == 401, mismatch.text
         with pytest.raises(httpx.TransportError):
             httpx.get(f"https://127.0.0.1:{port}/items/1", verify=False)

@@ -98,19 +98,35 @@ def connect(context: ssl.SSLContext, port: int, service: str) -> ssl.SSLSocket:
     return context.wrap_socket(raw, server_hostname=service)
 
 
+def echo(context: ssl.SSLContext, port: int) -> bytes:
+    """Send b"ping" and return the echo; a server refusing the client after the handshake
+    (TLS 1.3 sends its verdict on the client certificate then) closes without one."""
+    with connect(context, port, "inventory") as tls:
+        tls.sendall(b"ping")
+        answer = tls.recv(4)
+    if not answer:
+        raise ssl.SSLError("closed by the server without an answer")
+    return answer
+
+
 def test_both_ends_learn_each_others_spiffe_id(mesh: Mesh) -> None:
-    with echo_server(mesh.server("inventory")) as (port, seen):
-        with connect(mesh.client("orders"), port, "inventory") as tls:
-            assert peer_spiffe_id(tls.getpeercert()) == "spiffe://mesh.local/svc/inventory"
-            tls.sendall(b"ping")
-            assert tls.recv(4) == b"ping"
+    with (
+        echo_server(mesh.server("inventory")) as (port, seen),
+        connect(mesh.client("orders"), port, "inventory") as tls,
+    ):
+        assert peer_spiffe_id(tls.getpeercert()) == "spiffe://mesh.local/svc/inventory"
+        tls.sendall(b"ping")
+        assert tls.recv(4) == b"ping"
     assert seen == ["spiffe://mesh.local/svc/orders"]
 
 
 def test_a_server_of_another_service_is_refused_before_anything_is_sent(mesh: Mesh) -> None:
-    with echo_server(mesh.server("payments")) as (port, _):
-        with pytest.raises(ssl.SSLCertVerificationError, match="svc/payments, not .*svc/inventory"):
-            connect(mesh.client("orders"), port, "inventory")
+    expected = r"svc/payments, not .*svc/inventory"
+    with (
+        echo_server(mesh.server("payments")) as (port, _),
+        pytest.raises(ssl.SSLCertVerificationError, match=expected),
+    ):
+        connect(mesh.client("orders"), port, "inventory")
 
 
 def test_a_client_without_a_mesh_certificate_is_refused(mesh: Mesh, tmp_path: Path) -> None:
@@ -121,10 +137,7 @@ def test_a_client_without_a_mesh_certificate_is_refused(mesh: Mesh, tmp_path: Pa
     with echo_server(mesh.server("inventory")) as (port, seen):
         for context in (anyone, stranger.client("orders")):
             with pytest.raises((ssl.SSLError, OSError)):
-                with connect(context, port, "inventory") as tls:
-                    tls.sendall(b"ping")
-                    assert not tls.recv(4)  # TLS 1.3: the refusal arrives after the handshake
-                    raise ssl.SSLError("closed by the server")
+                echo(context, port)
     assert len(seen) == 2
     assert all(isinstance(outcome, ssl.SSLError) for outcome in seen)
     stranger.store.close()
@@ -132,9 +145,11 @@ def test_a_client_without_a_mesh_certificate_is_refused(mesh: Mesh, tmp_path: Pa
 
 def test_a_server_of_another_ca_is_refused(mesh: Mesh, tmp_path: Path) -> None:
     stranger = Mesh(tmp_path / "other")
-    with echo_server(stranger.server("inventory")) as (port, _):
-        with pytest.raises(ssl.SSLCertVerificationError):
-            connect(mesh.client("orders"), port, "inventory")
+    with (
+        echo_server(stranger.server("inventory")) as (port, _),
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        connect(mesh.client("orders"), port, "inventory")
     stranger.store.close()
 
 
@@ -148,15 +163,14 @@ def test_an_empty_swappable_context_makes_no_handshake() -> None:
 def test_a_swap_serves_new_connections_and_leaves_open_ones_alone(mesh: Mesh) -> None:
     server = SwappableContext(ssl.PROTOCOL_TLS_SERVER, mesh.server("inventory"))
     client = SwappableContext(ssl.PROTOCOL_TLS_CLIENT, mesh.client("orders"))
-    with echo_server(server) as (port, _):
-        with connect(client, port, "inventory") as before:
-            first = before.getpeercert(binary_form=True)
-            server.swap(mesh.server("inventory"))
-            client.swap(mesh.client("orders"))
-            with connect(client, port, "inventory") as after:
-                assert after.getpeercert(binary_form=True) != first
-                after.sendall(b"new")
-                assert after.recv(3) == b"new"
-            before.sendall(b"old")
-            assert before.recv(3) == b"old"  # the open connection kept its certificate
-            assert before.getpeercert(binary_form=True) == first
+    with echo_server(server) as (port, _), connect(client, port, "inventory") as before:
+        first = before.getpeercert(binary_form=True)
+        server.swap(mesh.server("inventory"))
+        client.swap(mesh.client("orders"))
+        with connect(client, port, "inventory") as after:
+            assert after.getpeercert(binary_form=True) != first
+            after.sendall(b"new")
+            assert after.recv(3) == b"new"
+        before.sendall(b"old")
+        assert before.recv(3) == b"old"  # the open connection kept its certificate
+        assert before.getpeercert(binary_form=True) == first

@@ -104,7 +104,7 @@ def start_registry(
             if proc.poll() is not None:
                 raise RuntimeError(f"registry exited with {proc.returncode}:\n{registry.stderr()}")
             try:
-                httpx.get(f"{registry.url}/healthz", timeout=1.0, verify=False)  # noqa: S501 - readiness only
+                httpx.get(f"{registry.url}/healthz", timeout=1.0, verify=False)
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import time
 from pathlib import Path
 
 import pytest
@@ -25,23 +24,11 @@ from mesh_middleware.identity.x509 import (
 )
 from mesh_middleware.registry.ca import CertificateAuthority, CSRError, load_supplied_root
 from mesh_middleware.registry.store import SQLiteStore
+from tests.registry.test_identity import WallClock
 
 LEAF = 3600.0
 ROOT = 365 * 86400.0
 AFTER = 600.0
-
-
-class WallClock:
-    """A wall clock the test moves by hand, starting now."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

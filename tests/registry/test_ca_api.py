@@ -62,9 +62,7 @@ def test_a_bad_csr_is_a_400_with_the_reason(registry: Registry, client: httpx.Cl
         ({}, "csr"),
         ({"csr": csr(), "extra": 1}, "extra"),
     ]:
-        answer = client.post(
-            f"{registry.url}/v1/ca/certificates", json=body, headers=bearer(token)
-        )
+        answer = client.post(f"{registry.url}/v1/ca/certificates", json=body, headers=bearer(token))
         assert answer.status_code == 400, answer.text
         assert reason in answer.json()["reason"]
 

@@ -91,7 +91,7 @@ def test_an_outage_keeps_the_certificate_in_use_and_retries_with_backoff(
     manager.tick()
     assert manager.contexts.client.current is current  # still presented
     assert manager.contexts.ready
-    due = manager._renew_at  # noqa: SLF001 - when the next try is
+    due = manager._renew_at
     assert clock.now < due <= clock.now + 0.5
 
 
