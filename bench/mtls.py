@@ -27,18 +27,24 @@ httpcore's trace events), and one TCP connection per request in the new-connecti
 
 Then, after 1 s un-timed per arm, rounds of the four arms, their order rotated from round to
 round (plain, mtls, plain-new-conn, mtls-new-conn; then mtls, plain, mtls-new-conn, plain-new-conn;
-then the new-connection pair first...) so that drift and position hit every arm alike; each timed
-run follows 0.5 s un-timed of the same arm. Per run: requests/s, server CPU per request (the
-server process's user + system time from ``/proc``, all its threads), client CPU per request
-(``time.process_time`` of this process, all its threads), p50/p99 latency of each call, the
-share of each core busy with other processes, and the mesh's retries (which would hide failed
-tries). Printed: a table per arm (medians over rounds) and, from each round's pair of runs,
-mtls/plain requests/s and the CPU per request mTLS adds on the server and on the client, for
-kept-alive and new connections (medians over rounds, with their range). No bar: exit status 1
-if any request failed (not answered 200), 0 otherwise.
+then the new-connection pair first...) so that drift and position hit every arm alike: over each
+four rounds every arm runs once in each position, and plain and mtls each once right after
+mtls-new-conn (runs after another arm can be slower, see bench/README.md on outbound.py; keep
+``--rounds`` a multiple of 4). Each timed run follows 0.5 s un-timed of the same arm.
 
-    .venv/bin/python bench/mtls.py                        # 6 rounds x 4 s per arm, ~2 minutes
-    .venv/bin/python bench/mtls.py --rounds 10 --seconds 6
+Per run: requests/s, server CPU per request (the server process's user + system time from
+``/proc``, all its threads), client CPU per request (``time.process_time`` of this process,
+all its threads), p50/p99 latency of each call, the share of each core busy with other
+processes, and the mesh's retries (which would hide failed tries). Printed: a table per arm
+(medians over rounds) and, from each round's pair of runs, mtls/plain requests/s and the CPU
+per request mTLS adds on the server and on the client, for kept-alive and new connections
+(medians over rounds, with their range). No bar: exit status 1 if any request failed (not
+answered 200, timed or not; each failure is printed), 0 otherwise. The kept-alive clients
+keep idle connections 60 s (httpx's default is 5 s), so they are still open when their arm's
+turn comes again.
+
+    .venv/bin/python bench/mtls.py                        # 8 rounds x 3 s per arm, ~2 minutes
+    .venv/bin/python bench/mtls.py --rounds 12 --seconds 5
     .venv/bin/python bench/mtls.py --json > mtls.json     # figures as JSON on stdout
     .venv/bin/python bench/mtls.py --keep-logs            # keep the servers' logs, print where
 """
@@ -81,6 +87,7 @@ PREFLIGHT_CALLS = 3
 WARMUP_SECONDS = 1.0
 PRE_RUN_SECONDS = 0.5
 KEEP_ALIVE_SECONDS = 120  # the servers' --timeout-keep-alive: idle connections outlive a round
+CLIENT_KEEP_ALIVE_SECONDS = 60.0
 
 SERVER_POLICY = """\
 service: {service}
@@ -455,8 +462,9 @@ def describe_certificate(der: bytes | None) -> str:
 
 # -- the run -----------------------------------------------------------------------------------
 
-ARM_NAMES = ("plain", "mtls", "plain-new-conn", "mtls-new-conn")
-# Each round's order: positions rotate over four rounds; each pair is flipped every other round.
+# Each round's order (indices into make_arms' list): over four rounds each arm takes each
+# position once, each pair is flipped every other round, and plain and mtls each follow
+# mtls-new-conn once.
 ORDERS = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
 
 
@@ -469,9 +477,12 @@ def make_arms(args: argparse.Namespace, plain: MeshRun, tls: MeshRun) -> list[Ar
     ]
 
 
+Measured = tuple[dict[str, list[Run]], dict[str, Any], int]
+
+
 async def measure(
     registry_url: str, arms: list[Arm], args: argparse.Namespace, out: TextIO
-) -> tuple[dict[str, list[Run]], dict[str, Any], int]:
+) -> Measured:
     from mesh_middleware import Mesh
     from mesh_middleware.adapters.httpx import AsyncMeshTransport
     from mesh_middleware.policy.compiled import compile_policy_text
@@ -486,7 +497,11 @@ async def measure(
                 httpx.Limits(max_connections=arm.concurrency, max_keepalive_connections=0)
                 if arm.new_connections
                 else httpx.Limits(
-                    max_connections=arm.concurrency, max_keepalive_connections=arm.concurrency
+                    max_connections=arm.concurrency,
+                    max_keepalive_connections=arm.concurrency,
+                    # Idle while the three other arms run (httpx's default expiry is 5 s); the
+                    # servers keep them longer still, so the client always closes first.
+                    keepalive_expiry=CLIENT_KEEP_ALIVE_SECONDS,
                 )
             )
             # The limits go to the transport: httpx ignores a client's own when given one.
@@ -517,7 +532,14 @@ async def measure(
                 arm = arms[index]
                 # Un-timed: the arm's connections and caches are hot when the clock starts.
                 load = await drive(arm.send, concurrency=arm.concurrency, seconds=PRE_RUN_SECONDS)
-                warmup_failures += load.failures
+                if load.failures:
+                    warmup_failures += load.failures
+                    print(
+                        f"  FAILURES in {arm.name}'s un-timed run before round {round_}:"
+                        f" {load.failures} of {load.made}: statuses {dict(load.statuses)},"
+                        f" errors {dict(load.errors)}",
+                        file=out,
+                    )
                 run = await timed_run(arm, round_, args.seconds)
                 runs[arm.name].append(run)
                 print(
@@ -642,10 +664,45 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived while the event loop ran: the measurement was cancelled and cleaned up."""
+
+
+async def until_sigterm(work: Awaitable[Measured]) -> Measured:
+    """``work``, cancelled (its clients closed, its Mesh closed) if SIGTERM arrives.
+
+    Raising out of a signal handler while the loop runs would skip the loop's shutdown, and
+    the worker threads of ``anyio.to_thread`` (not daemons) would then keep the interpreter
+    from exiting; cancelling the task lets everything end the ordinary way. (Ctrl-C is handled
+    the same way by ``asyncio.run`` itself.)
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)  # remove_signal_handler set SIG_DFL
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of the four arms (6)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per arm per round (4)")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="rounds of the four arms, a multiple of 4 (8)"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per arm per round (3)")
     parser.add_argument(
         "--concurrency", type=int, default=16, help="tasks in the keep-alive arms (16)"
     )
@@ -670,6 +727,12 @@ def main(argv: list[str] | None = None) -> int:
             "--rounds 1..50, --seconds 1..120, --concurrency 1..256, --new-conn-concurrency 1..64"
         )
     out: TextIO = sys.stderr if args.json else sys.stdout
+    if args.rounds % len(ORDERS):
+        print(
+            f"note: --rounds {args.rounds} is not a multiple of {len(ORDERS)}: the arms' positions"
+            " in the rounds are not balanced",
+            file=out,
+        )
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     allowed = os.sched_getaffinity(0)
     if not {SERVER_CPU, CLIENT_CPU} <= allowed:
@@ -714,7 +777,9 @@ def main(argv: list[str] | None = None) -> int:
             file=out,
         )
         arms = make_arms(args, plain, tls)
-        runs, tls_seen, warmup_failures = asyncio.run(measure(registry.url, arms, args, out))
+        runs, tls_seen, warmup_failures = asyncio.run(
+            until_sigterm(measure(registry.url, arms, args, out))
+        )
         figures = summarize(runs, args, out)
         failed = sum(r.failures for arm_runs in runs.values() for r in arm_runs)
         figures["tls"] = tls_seen
@@ -731,6 +796,12 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"mtls bench failed: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("mtls bench: terminated (SIGTERM); stopping the servers", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("mtls bench: interrupted; stopping the servers", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         for process in processes:
             process.stop()
@@ -741,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(logs, ignore_errors=True)
     if failed:
-        print(f"FAILED: {failed} request(s) not answered 200 (see above)", file=out)
+        print(f"FAILED: {failed} failure(s), requests not answered 200 (see above)", file=out)
     else:
         print("every request answered 200", file=out)
     if args.json:

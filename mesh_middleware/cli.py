@@ -152,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
             policy=args.policy,
             cert_wait=args.cert_wait,
             timeout_keep_alive=args.timeout_keep_alive,
+            app_dir=args.app_dir,
         )
     )
 
@@ -513,6 +514,12 @@ def _parser() -> argparse.ArgumentParser:
         default=5,
         metavar="S",
         help="close idle connections after S seconds (default 5)",
+    )
+    run.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="where APP is imported from (default: the current directory)",
     )
     run.set_defaults(run=_run)
 

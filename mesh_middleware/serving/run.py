@@ -56,6 +56,7 @@ class RunOptions:
     policy: str | None = None
     cert_wait: float = 30.0
     timeout_keep_alive: int = 5  # seconds an idle connection is kept (uvicorn's default)
+    app_dir: str = "."  # put first on sys.path, as uvicorn's and gunicorn's commands do
 
 
 def _say(message: str) -> None:
@@ -64,6 +65,7 @@ def _say(message: str) -> None:
 
 def run(options: RunOptions) -> int:
     """Serve until a signal; return the exit status (2: bad setup, 1: no certificate)."""
+    sys.path.insert(0, os.path.abspath(options.app_dir))
     policy_file = options.policy or os.environ.get("MESH_POLICY")
     if not policy_file:
         _say("set MESH_POLICY (or --policy) to the app's policy file")

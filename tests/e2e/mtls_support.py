@@ -68,9 +68,14 @@ def mesh_run(
     port: int,
     log_path: Path,
     timeout: float = 30.0,
+    pythonpath: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start `mesh run`, wait until the instance is in the catalog, stop it (group) after."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    full_env = {**os.environ, **env}
+    if pythonpath:
+        full_env["PYTHONPATH"] = str(REPO)
+    else:
+        full_env.pop("PYTHONPATH", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             argv, env=full_env, cwd=REPO, stdout=log, stderr=log, start_new_session=True

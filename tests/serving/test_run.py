@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from mesh_middleware.cli import main
-from tests.e2e.mtls_support import mesh_run, mesh_run_argv, registered, with_mtls
+from tests.e2e.mtls_support import mesh_run, registered, with_mtls
 from tests.registry.support import start_registry
 from tests.support.policies import SERVER_POLICY
 from tests.support.servers import REPO, free_port
@@ -24,7 +24,7 @@ def mesh_run_status(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     done = subprocess.run(
         [sys.executable, "-m", "mesh_middleware", "run", *argv],
-        env={**environment, "PYTHONPATH": str(REPO), **env},
+        env={**environment, **env},
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -60,14 +60,19 @@ def test_setup_errors_say_what_to_do(tmp_path: Path) -> None:
 
 
 def test_mtls_off_serves_plaintext_and_registers_no_tls(tmp_path: Path) -> None:
+    """Also: the `mesh` command (not `python -m`) finds APP from the current directory, as
+    uvicorn's and gunicorn's commands do, with no PYTHONPATH."""
     policy = tmp_path / "off.yaml"
     policy.write_text(with_mtls(SERVER_POLICY, "off"))
     port = free_port()
+    mesh = str(Path(sys.executable).parent / "mesh")
+    command = [mesh, "run", "tests.support.asgi_app:app", "--port", str(port)]
     with (
         start_registry(tmp_path / "registry", dev=True) as registry,
         mesh_run(
-            mesh_run_argv("tests.support.asgi_app:app", port),
+            command,
             env={"MESH_POLICY": str(policy), "MESH_REGISTRY_URL": registry.url},
+            pythonpath=False,
             registry_url=registry.url,
             service="inventory",
             port=port,
