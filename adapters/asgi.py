@@ -32,7 +32,7 @@ __all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "PEER_SCOPE_KEY", "MeshMidd
 CALLER_SCOPE_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
 
-PEER_SCOPE_KEY = "mesh.peer"
+PEER_SCOPE_KEY = defaults.PEER_KEY
 """Where ``mesh run`` puts the SPIFFE ID of the client certificate of a mutual-TLS connection."""
 
 DEADLINE_SCOPE_KEY = "mesh.deadline"

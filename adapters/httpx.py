@@ -105,6 +105,10 @@ def aim_plain(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
     return url.copy_with(scheme="http", host=endpoint.host, port=endpoint.plain_port)
 
 
+class NoMeshCertificate(httpx.ConnectError):
+    """A mutual-TLS-only destination, and no certificate here to present (nothing was sent)."""
+
+
 def _mesh_context(tls: TLSContexts | None) -> ssl.SSLContext:
     # Without mesh TLS at all, a context that can make no handshake: never an unchecked one.
     return tls.client if tls is not None else SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -329,11 +333,19 @@ class _Plane:
             request.url = url
             self.finish(call, request, 0, [FLAG_OF_REFUSAL[refused.refusal]], None)
             raise httpx_error(refused, request) from None
-        span = call.span = self.telemetry.try_span(call, request.method)
-        _trace(request.headers, span.context, keep=False)
         if endpoint.tls:
-            self._aim_tls(call, request, url, endpoint)
+            try:
+                self._aim_tls(call, request, url, endpoint)
+            except NoMeshCertificate as exc:
+                call.broke(endpoint, now)  # this side's failure: nothing held against it
+                request.url = url
+                self.finish(call, request, 0, [], None, error=type(exc).__name__)
+                raise
+            span = call.span = self.telemetry.try_span(call, request.method)
+            _trace(request.headers, span.context, keep=False)
         else:
+            span = call.span = self.telemetry.try_span(call, request.method)
+            _trace(request.headers, span.context, keep=False)
             request.url = aim(url, endpoint)
             request.extensions[MESH_TLS] = False
         seconds = call.try_timeout(now)
@@ -345,13 +357,21 @@ class _Plane:
         self, call: Call, request: httpx.Request, url: httpx.URL, endpoint: Endpoint
     ) -> None:
         """An instance serving mutual TLS: over TLS, checking its SPIFFE ID, when this instance
-        holds a certificate; else on its plaintext port if it has one (``mtls: permissive``).
-        With neither, the TLS transport's handshake fails and says why."""
+        holds a certificate; else on its plaintext port if it has one (``mtls: permissive``)
+        and this service's own policy is not ``mtls: strict`` (which never downgrades).
+        With neither, ``NoMeshCertificate``: a local failure, not the instance's."""
         extensions = request.extensions
-        if endpoint.plain_port is not None and self.mesh.client_tls(wait=0) is None:
-            request.url = aim_plain(url, endpoint)
-            extensions[MESH_TLS] = False
-            return
+        if self.mesh.client_tls(wait=0) is None:
+            if endpoint.plain_port is not None and self.mesh.policy.mtls != "strict":
+                request.url = aim_plain(url, endpoint)
+                extensions[MESH_TLS] = False
+                return
+            raise NoMeshCertificate(
+                f"{call.destination.service} takes only mutual TLS and this instance holds no "
+                "mesh certificate"
+                + (" (its policy says mtls: off)" if self.mesh.policy.mtls == "off" else ""),
+                request=request,
+            )
         request.url = aim(url, endpoint)
         extensions[MESH_TLS] = True
         extensions["sni_hostname"] = call.destination.service  # the SPIFFE ID to expect
@@ -492,7 +512,10 @@ class _Plane:
             extensions={"timeout": _try_timeouts(None, seconds)},
         )
         if endpoint.tls:
-            self._aim_tls(call, shadow, request.url, endpoint)
+            try:
+                self._aim_tls(call, shadow, request.url, endpoint)
+            except NoMeshCertificate:
+                return None  # a shadow never affects the call it copies
         else:
             shadow.url = aim(request.url, endpoint)
         return shadow
@@ -522,16 +545,14 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self.mesh = mesh
         self.transport = transport or httpx.AsyncHTTPTransport(**transport_options)
         self._options = transport_options
-        self._given = transport is not None
         self._tls: httpx.AsyncBaseTransport | None = None
         self._plane = _Plane(mesh)
         self._mirrors: set[asyncio.Task[None]] = set()
 
     def _tls_transport(self) -> httpx.AsyncBaseTransport:
-        """Where mutual-TLS tries go: one pool presenting this instance's certificate (the
-        transport given to the constructor, if one was)."""
-        if self._given:
-            return self.transport
+        """Where mutual-TLS tries go: one pool of the mesh's own, presenting this instance's
+        certificate and checking the server's SPIFFE ID, whatever transport was given for the
+        rest (``transport_options`` apply to it, ``verify`` and ``cert`` excepted)."""
         if self._tls is None:
             tls = self.mesh.tls
             options = {k: v for k, v in self._options.items() if k not in ("verify", "cert")}
@@ -643,7 +664,6 @@ class MeshTransport(httpx.BaseTransport):
         self.mesh = mesh
         self.transport = transport or httpx.HTTPTransport(**transport_options)
         self._options = transport_options
-        self._given = transport is not None
         self._tls: httpx.BaseTransport | None = None
         self._tls_lock = threading.Lock()
         self._plane = _Plane(mesh)
@@ -651,8 +671,6 @@ class MeshTransport(httpx.BaseTransport):
 
     def _tls_transport(self) -> httpx.BaseTransport:
         """Where mutual-TLS tries go (see ``AsyncMeshTransport._tls_transport``)."""
-        if self._given:
-            return self.transport
         with self._tls_lock:
             if self._tls is None:
                 tls = self.mesh.tls

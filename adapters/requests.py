@@ -198,7 +198,12 @@ class MeshAdapter(HTTPAdapter):
                 span = call.span = telemetry.try_span(call, method)
                 if not own_trace:
                     _trace(headers, span.context)
-                request.url = self._aim(request, call, endpoint, target)
+                try:
+                    request.url = self._aim(request, call, endpoint, target)
+                except _NoMeshCertificate:
+                    call.broke(endpoint, now)  # this side's failure: nothing held against it
+                    self._finish(call, method, 0, [], None, error="NoMeshCertificate")
+                    raise
                 headers[_DEADLINE] = call.header_deadline(now)
                 limits = _try_timeout(timeout, call.try_timeout(now))
                 try:
@@ -303,7 +308,10 @@ class MeshAdapter(HTTPAdapter):
             return
         shadow = request.copy()
         endpoint = random.choice(subset)
-        shadow.url = self._aim(shadow, call, endpoint, target)
+        try:
+            shadow.url = self._aim(shadow, call, endpoint, target)
+        except _NoMeshCertificate:
+            return  # a shadow never affects the call it copies
         shadow.headers["Host"] = f"{call.destination.service}-shadow"
         shadow.headers[_SHADOW] = "1"
         seconds = call.try_timeout(time.monotonic())
@@ -317,10 +325,17 @@ class MeshAdapter(HTTPAdapter):
         if not endpoint.tls:
             setattr(request, _MESH_TLS, None)
             return f"{endpoint.scheme}://{endpoint.authority}{target}"
-        if endpoint.plain_port is not None and self.mesh.client_tls(wait=0) is None:
-            setattr(request, _MESH_TLS, None)
-            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-            return f"http://{host}:{endpoint.plain_port}{target}"
+        if self.mesh.client_tls(wait=0) is None:
+            mode = self.mesh.policy.mtls
+            if endpoint.plain_port is not None and mode != "strict":
+                setattr(request, _MESH_TLS, None)
+                host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+                return f"http://{host}:{endpoint.plain_port}{target}"
+            raise _NoMeshCertificate(
+                f"{call.destination.service} takes only mutual TLS and this instance holds no "
+                "mesh certificate" + (" (its policy says mtls: off)" if mode == "off" else ""),
+                request=request,
+            )
         setattr(request, _MESH_TLS, call.destination.service)
         return f"https://{endpoint.authority}{target}"
 
@@ -361,6 +376,10 @@ class MeshAdapter(HTTPAdapter):
     def close(self) -> None:
         self._shadows.close()
         super().close()
+
+
+class _NoMeshCertificate(requests.exceptions.ConnectionError):
+    """A mutual-TLS-only destination, and no certificate here to present (nothing was sent)."""
 
 
 _MESH_TLS = "_mesh_tls_service"

@@ -32,7 +32,7 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 CALLER_ENVIRON_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
 
-PEER_ENVIRON_KEY = "mesh.peer"
+PEER_ENVIRON_KEY = defaults.PEER_KEY
 """Where ``mesh run`` puts the SPIFFE ID of the client certificate of a mutual-TLS connection."""
 
 DEADLINE_ENVIRON_KEY = "mesh.deadline"

@@ -119,6 +119,13 @@ def _ca_rotate(args: argparse.Namespace) -> int:
     if (args.cert is None) != (args.key is None):
         print("mesh ca rotate: --cert and --key go together", file=sys.stderr)
         return 2
+    if args.key is not None and not _private_channel(args.registry):
+        print(
+            "mesh ca rotate: refusing to send a CA key to a registry over plain HTTP; use its "
+            "https:// address, or run this on the registry's host (127.0.0.1)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         admin = admin_token(args.admin_token, data_dir=args.data_dir)
         answer = rotate_ca(
@@ -155,6 +162,22 @@ def _run(args: argparse.Namespace) -> int:
             app_dir=args.app_dir,
         )
     )
+
+
+def _private_channel(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ca_show(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_TOKEN_LIFETIME_SECONDS",
     "MAX_WATCHED_SERVICES",
     "MIRROR_DRAIN_SECONDS",
+    "PEER_KEY",
     "POLICY_POLL_SECONDS",
     "REGISTRATION_TTL",
     "REGISTRY_BACKOFF_CAP_SECONDS",
@@ -154,3 +155,8 @@ REPORT_INTERVAL_SECONDS = 10.0
 def default_issuer(trust_domain: str) -> str:
     """The issuer (``iss``) of JWT-SVIDs in a trust domain: the trust domain's own SPIFFE ID."""
     return f"spiffe://{trust_domain}"
+
+
+PEER_KEY = "mesh.peer"
+"""The ASGI scope / WSGI environ key where ``mesh run`` puts the SPIFFE ID of the client
+certificate of a mutual-TLS connection (servers cannot set it from a request's bytes)."""

@@ -15,5 +15,10 @@ def registry_verify() -> ssl.SSLContext | bool:
     if not path:
         return True
     context = ssl.create_default_context()
-    context.load_verify_locations(cafile=path)
+    try:
+        context.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"MESH_REGISTRY_CA={path}: not a readable PEM file of CAs ({exc})"
+        ) from None
     return context

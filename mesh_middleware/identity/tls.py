@@ -73,7 +73,10 @@ def _context(
 ) -> _MeshContext:
     context = _MeshContext(protocol)
     context.mesh_trust_domain = trust_domain
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 only, as Linkerd: every peer is this library on OpenSSL 1.1.1 or later, and 1.3
+    # has no renegotiation (the SPIFFE check and the peer an app is told cover the only
+    # handshake a connection has).
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False  # the SPIFFE ID is checked instead (no DNS names here)
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata="".join(bundle))

@@ -123,7 +123,7 @@ async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
             if ticks % 20 == 0:
                 state.keys.maintain()
                 state.ca.maintain()
-                _publish_ca(state.ca, warn=ticks % 7200 == 20)
+                _publish_ca(state.ca, warn=ticks % 7200 == 0)  # hourly (and once at start)
         except Exception:
             log.exception("maintenance_failed")
 

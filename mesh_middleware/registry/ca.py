@@ -9,6 +9,7 @@ its life are gone; an operator's root only warns, long before it expires.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,6 +35,7 @@ log = structlog.get_logger("mesh.registry")
 _BACKDATE_SECONDS = 60  # a leaf is valid a minute before it is signed: small clock skews
 _MIN_LEAF_SECONDS = 2
 _MAX_WARNING_SECONDS = 60 * 86400.0  # warn 60 days before a root expires (as `linkerd check`)
+_BUNDLE_PROPAGATION_SECONDS = 70.0  # instances refetch the bundle every 60 s (+10% jitter)
 
 
 class CSRError(ValueError):
@@ -68,10 +71,11 @@ def _fingerprint(certificate: x509.Certificate) -> str:
 
 
 def load_supplied_root(certificate_pem: str, key_pem_text: str) -> tuple[str, str]:
-    """Check an operator's CA certificate and key; return them normalised (PEM text).
+    """Check an operator's CA certificate and key; return the certificate re-encoded and the
+    key as given (PEM text).
 
-    ``ValueError`` says what is wrong: not a CA, key and certificate do not match, an
-    unsupported key type, or already expired.
+    ``ValueError`` says what is wrong: not a self-signed CA, key and certificate do not match,
+    an unsupported key type, or already expired.
     """
     try:
         certificate = load_certificate(certificate_pem)
@@ -97,6 +101,21 @@ def load_supplied_root(certificate_pem: str, key_pem_text: str) -> tuple[str, st
         raise ValueError("the CA certificate has no basicConstraints: it is not a CA") from None
     if not constraints.value.ca:
         raise ValueError("the CA certificate says CA:FALSE")
+    if certificate.issuer != certificate.subject:
+        raise ValueError(
+            "the CA certificate must be a self-signed root (an intermediate would need its "
+            "chain served with every leaf)"
+        )
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError("the CA certificate's self-signature does not verify") from None
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("the CA certificate's key usage does not allow signing certificates")
     if certificate.not_valid_after_utc.timestamp() <= time.time():
         raise ValueError("the CA certificate has expired")
     text = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
@@ -123,17 +142,29 @@ class CertificateAuthority:
         self.leaf_lifetime = leaf_lifetime
         self.root_lifetime = root_lifetime
         self.activate_after = activate_after
+        if activate_after < self.min_activate_after:
+            raise ValueError(_too_soon(self.min_activate_after))
         self._roots: dict[str, _Root] = {}
+        self._retired: set[str] = set()  # kept (without their keys) so they never come back
         for record in store.load_ca_roots():
-            self._roots[record.root_id] = _load(record)
-        self.index = 1  # moves whenever the bundle changes (instances compare it)
-        if supplied is not None and _fingerprint(load_certificate(supplied[0])) not in self._roots:
+            if record.key_pem:
+                self._roots[record.root_id] = _load(record)
+            else:
+                self._retired.add(record.root_id)
+        self.index = 1  # moves whenever the bundle changes (within one registry process)
+        supplied_id = _fingerprint(load_certificate(supplied[0])) if supplied else None
+        if supplied_id in self._retired:
+            raise ValueError(
+                f"the CA certificate given (root {str(supplied_id)[:16]}) was rotated out and "
+                "retired: it is never trusted again; remove --ca-cert/--ca-key or give a new root"
+            )
+        if supplied is not None and supplied_id not in self._roots:
             # A new operator root at restart is a rotation: trusted now, signing later.
             first = not self._roots
             added = self._add(supplied[0], supplied[1], supplied=True, activate_now=first)
             if not first:
                 self._retire_others(added)
-            log.info("ca_root_supplied", root=self.signing_root_id(), first=first)
+            log.info("ca_root_supplied", root=added.record.root_id[:16], signs_at_once=first)
         if not self._roots:
             # The first root signs at once: nobody trusts anything yet.
             self._add(*self._new_root(), supplied=False, activate_now=True)
@@ -234,6 +265,8 @@ class CertificateAuthority:
     ) -> CARootRecord:
         """Add a new root (created, or the operator's): trusted now, signing after
         ``activate_after`` (default: the registry's); the others retire after it."""
+        if activate_after is not None and activate_after < self.min_activate_after:
+            raise ValueError(_too_soon(self.min_activate_after))
         if activate_after is not None:
             saved, self.activate_after = self.activate_after, activate_after
         try:
@@ -255,10 +288,18 @@ class CertificateAuthority:
         )
         return root.record
 
+    @property
+    def min_activate_after(self) -> float:
+        """The shortest delay before a new root may sign: every instance must have fetched
+        the bundle holding it (each refetches it every minute, and with every renewal)."""
+        return min(_BUNDLE_PROPAGATION_SECONDS, self.leaf_lifetime)
+
     def _signing(self) -> _Root:
+        # The root added last among those whose signing began: a root superseded before its
+        # turn (rotated again meanwhile) never signs.
         now = self._clock()
         active = [r for r in self._roots.values() if r.record.activate_at <= now]
-        return max(active, key=lambda r: (r.record.activate_at, r.record.created_at))
+        return max(active, key=lambda r: (r.record.created_at, r.record.activate_at))
 
     def signing_root_id(self) -> str:
         """The fingerprint (SHA-256, hex) of the root that signs now."""
@@ -335,7 +376,6 @@ class CertificateAuthority:
         serial = x509.random_serial_number()
         start = datetime.datetime.fromtimestamp(now - _BACKDATE_SECONDS, tz=datetime.UTC)
         end = datetime.datetime.fromtimestamp(not_after, tz=datetime.UTC)
-        issuer_key = root.certificate.public_key()
         certificate = (
             x509.CertificateBuilder()
             .subject_name(
@@ -378,7 +418,7 @@ class CertificateAuthority:
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key),  # type: ignore[arg-type]
+                _authority_key_identifier(root.certificate),
                 critical=False,
             )
             .sign(root.key, hashes.SHA256())
@@ -398,7 +438,9 @@ class CertificateAuthority:
         now = self._clock()
         for root in list(self._roots.values()):
             if root.record.retire_at is not None and root.record.retire_at <= now:
-                self._store.delete_ca_root(root.record.root_id)
+                # The key is destroyed; the certificate is kept so that it is never re-added.
+                self._store.put_ca_root(dataclasses.replace(root.record, key_pem=""))
+                self._retired.add(root.record.root_id)
                 del self._roots[root.record.root_id]
                 self.index += 1
                 log.info("ca_root_retired", root=root.record.root_id[:16])
@@ -427,6 +469,23 @@ class CertificateAuthority:
                 "leaf certificate lives: new leaves are cut short"
             )
         return found
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    # The issuer's own subject key identifier when it has one (an operator's root may not
+    # derive it from the key as RFC 5280 suggests), so that chain building finds it.
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _too_soon(floor: float) -> str:
+    return (
+        f"activate_after must be at least {floor:g}s: every instance must fetch the new root "
+        "before it signs (each refetches the trust bundle every minute)"
+    )
 
 
 def _load(record: CARootRecord) -> _Root:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from mesh_middleware.identity.spiffe import service_id
+from mesh_middleware.identity.spiffe import parse_service_id, service_id
 from mesh_middleware.identity.tls import SwappableContext, client_context, server_context
 from mesh_middleware.identity.x509 import (
     build_csr,
@@ -49,11 +49,37 @@ _MIN_RETRY_SECONDS = 0.5
 _MAX_RETRY_SECONDS = 30.0
 
 
+_PREFIX = "mesh-tls-"
+
+
 def private_directory() -> Path:
-    """A new owner-only directory, in memory (``/dev/shm``) where the system has one."""
+    """A new owner-only directory, in memory (``/dev/shm``) where the system has one.
+
+    Its name carries this process's pid; directories left by processes that died without
+    cleaning up (``kill -9``) are removed on the way, so keys do not pile up.
+    """
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="mesh-tls-", dir=base))
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    _sweep(base)
+    return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base))
+
+
+def _sweep(base: Path) -> None:
+    with contextlib.suppress(OSError):
+        for path in base.glob(f"{_PREFIX}*-*"):
+            pid = path.name[len(_PREFIX) :].partition("-")[0]
+            if pid.isdigit() and not _alive(int(pid)) and path.stat().st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 class TLSFiles:
@@ -158,20 +184,28 @@ class TLSContexts:
             if stamp == self._stamp:
                 return False
             try:
-                domain = self._trust_domain()
                 bundle = self.files.read_bundle()
                 certificate = load_certificate(self.files.identity.read_bytes())
+                ids = certificate_spiffe_ids(certificate)
+                parsed = parse_service_id(ids[0]) if len(ids) == 1 else None
+                # The trust domain is the one the CA wrote into this instance's certificate:
+                # right even when the Mesh has not heard from the registry yet.
+                domain = parsed[0] if parsed is not None else self._trust_domain()
                 client = client_context(domain, self.files.identity, self.files.identity, bundle)
                 server = server_context(domain, self.files.identity, self.files.identity, bundle)
             except (OSError, ValueError, ssl.SSLError) as exc:
-                log.error("tls_files_unusable", directory=str(self.files.directory), error=str(exc))
+                # Half-written by another process, or removed: the contexts in use stay.
+                log.warning(
+                    "tls_files_unusable", directory=str(self.files.directory), error=str(exc)
+                )
                 return False
             self._stamp = stamp
             self.client.swap(client)
             self.server.swap(server)
             self.expires_at = certificate.not_valid_after_utc.timestamp()
-            ids = certificate_spiffe_ids(certificate)
-            self.spiffe_id = ids[0] if ids else None
+            self.spiffe_id = ids[0] if len(ids) == 1 else None
+            if parsed is not None:
+                metrics.CERTIFICATE_EXPIRY.labels(parsed[1]).set(self.expires_at)
         return True
 
 
@@ -205,7 +239,6 @@ class CertificateManager:
         self.wanted = False
         self._renew_at = float("-inf")
         self._bundle_at = float("-inf")
-        self._bundle_index: int | None = None
         self._retry = _MIN_RETRY_SECONDS
         self._failing_since: float | None = None
         self._lock = threading.Lock()
@@ -216,12 +249,26 @@ class CertificateManager:
         self.wanted = True
 
     def obtain(self, timeout: float | None = None) -> bool:
-        """Get a new certificate now (joining one being fetched); ``True`` once one is held."""
+        """Get a certificate now if none is held (joining a fetch under way, waiting at most
+        about ``timeout``); ``True`` once one is held.
+
+        After a failure, callers do not ask again before the backoff says so: the background
+        thread does.
+        """
         self.wanted = True
-        with self._lock:
-            if self.contexts.ready and self._clock() < self._renew_at:
+        if self.contexts.ready:
+            return True
+        if self._failing_since is not None and self._clock() < self._renew_at:
+            return False
+        wait = -1 if timeout is None else timeout
+        if not self._lock.acquire(timeout=wait):
+            return self.contexts.ready
+        try:
+            if self.contexts.ready:
                 return True  # another caller just got one
             return self._renew(timeout)
+        finally:
+            self._lock.release()
 
     def tick(self) -> None:
         """Renew and refetch what is due (background thread)."""
@@ -241,18 +288,16 @@ class CertificateManager:
         csr = build_csr(key, service_id(service, self._trust_domain()))
         try:
             issued = self.client.certificate(service, csr, timeout=timeout)
-        except (RegistryUnavailable, RegistryRefused) as exc:
+            self.files.write(issued.certificate, key_pem(key), issued.bundle)
+        except (RegistryUnavailable, RegistryRefused, OSError) as exc:
             self._failed(service, exc)
             return False
-        self.files.write(issued.certificate, key_pem(key), issued.bundle)
         self.contexts.reload_if_changed()
         now = self._clock()
         lifetime = max(issued.lifetime, 1.0)
-        left = lifetime
         # Half its life from issue, jittered so that a fleet started together spreads out.
         self._renew_at = now + lifetime * 0.5 * self._uniform(0.9, 1.0)
         self._bundle_at = now + BUNDLE_REFRESH_SECONDS * self._uniform(0.9, 1.1)
-        self._bundle_index = issued.bundle_index
         self._retry = _MIN_RETRY_SECONDS
         metrics.CERTIFICATE_RENEWALS.labels(service, "ok").inc()
         metrics.CERTIFICATE_EXPIRY.labels(service).set(issued.expires_at)
@@ -264,13 +309,19 @@ class CertificateManager:
                 "certificate_issued",
                 service=service,
                 serial=issued.serial,
-                expires_in=round(left, 1),
+                expires_in=round(lifetime, 1),
             )
         return True
 
-    def _failed(self, service: str, exc: RegistryUnavailable | RegistryRefused) -> None:
+    def _failed(self, service: str, exc: Exception) -> None:
         now = self._clock()
-        result = "refused" if isinstance(exc, RegistryRefused) else "unavailable"
+        result = (
+            "refused"
+            if isinstance(exc, RegistryRefused)
+            else "unavailable"
+            if isinstance(exc, RegistryUnavailable)
+            else "unwritable"
+        )
         metrics.CERTIFICATE_RENEWALS.labels(service, result).inc()
         expires_at = self.contexts.expires_at
         left = expires_at - time.time() if expires_at is not None else None
@@ -301,15 +352,14 @@ class CertificateManager:
         now = self._clock()
         self._bundle_at = now + BUNDLE_REFRESH_SECONDS * self._uniform(0.9, 1.1)
         try:
-            index, bundle = self.client.ca_bundle()
-        except (RegistryUnavailable, RegistryRefused):
-            return  # the bundle in use stays; the next renewal brings a new one anyway
-        if index != self._bundle_index:
-            self._bundle_index = index
+            _, bundle = self.client.ca_bundle()
+            # Compared by content: a registry's index starts again after a restart.
             if tuple(self.files.read_bundle()) != bundle:
                 self.files.write_bundle(bundle)
                 self.contexts.reload_if_changed()
                 log.info("trust_bundle_updated", roots=len(bundle))
+        except (RegistryUnavailable, RegistryRefused, OSError):
+            return  # the bundle in use stays; the next refresh or renewal tries again
 
     def close(self) -> None:
         """Delete the files, if this process made them (a forked worker leaves them)."""

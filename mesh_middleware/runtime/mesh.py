@@ -143,7 +143,23 @@ class Mesh:
             # Under `mesh run`: the launcher keeps the files fresh; this process reloads them.
             self.tls = TLSContexts(TLSFiles(Path(directory)), lambda: self.trust_domain)
             self.tls.reload_if_changed()
-        elif self._link is not None:
+            mine = self.tls.spiffe_id is not None and self.tls.spiffe_id.endswith(
+                f"/svc/{compiled.service}"
+            )
+            if not mine:
+                # Another service's files (a process started by a `mesh run` app, say, that
+                # inherited its environment): never present another service's certificate.
+                log.warning(
+                    "tls_dir_ignored",
+                    directory=str(directory),
+                    holds=self.tls.spiffe_id,
+                    service=compiled.service,
+                )
+                self.tls = None
+                directory = None
+        if directory is None and self._link is not None:
+            # What `mesh run` serves is only said by the app it runs (the one holding its files).
+            self._link.registration.serving.clear()
             self.certificates = CertificateManager(
                 self._link.client, lambda: self.service, lambda: self.trust_domain
             )
@@ -349,10 +365,11 @@ class Mesh:
             link = self._link
             if certificates is None:
                 return None
+            first = not certificates.wanted
             certificates.want()
             if wait <= 0 or (link is not None and link.in_outage):
-                if self._loop is not None:
-                    self._loop.wake()
+                if first and self._loop is not None:
+                    self._loop.wake()  # fetch it now, in the background
                 return None
             certificates.obtain(timeout=wait)
         return tls.client if tls.ready else None

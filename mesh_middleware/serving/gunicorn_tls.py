@@ -21,6 +21,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.util import import_app
 from gunicorn.workers.sync import SyncWorker
 
+from mesh_middleware.defaults import PEER_KEY as PEER_ENVIRON_KEY
 from mesh_middleware.identity.x509 import peer_spiffe_id
 from mesh_middleware.runtime.certificates import TLSContexts, TLSFiles
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MeshSyncWorker", "serve_gunicorn"]
 
-PEER_ENVIRON_KEY = "mesh.peer"
 _RELOAD_CHECK_SECONDS = 1.0
+_HANDSHAKE_SECONDS = 5.0
 
 
 class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
@@ -48,8 +49,8 @@ class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
         self._mesh_peer: str | None = None
         self._mesh_secure = False
         if directory is not None:
-            # The trust domain comes from the certificate the launcher got for this service.
-            self._mesh_contexts = TLSContexts(TLSFiles(Path(directory)), _trust_domain)
+            # The trust domain is read from the certificate the launcher got for this service.
+            self._mesh_contexts = TLSContexts(TLSFiles(Path(directory)), _no_trust_domain)
             self._mesh_contexts.reload_if_changed()
         super().init_process()
 
@@ -77,7 +78,8 @@ class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
                 self._mesh_checked = now
                 contexts.reload_if_changed()
             try:
-                client.settimeout(self.cfg.timeout)
+                # Not the worker's whole timeout: an idle connection must not stall it that long.
+                client.settimeout(_HANDSHAKE_SECONDS)
                 client = contexts.server.wrap_socket(client, server_side=True)
                 client.settimeout(None)
             except (OSError, ssl.SSLError) as exc:
@@ -89,8 +91,8 @@ class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
         super().handle(listener, client, addr)
 
 
-def _trust_domain() -> str:
-    return os.environ.get("MESH_TRUST_DOMAIN_SERVED", "mesh.local")
+def _no_trust_domain() -> str:
+    raise ValueError("the certificate names no SPIFFE ID to take the trust domain from")
 
 
 class _Application(BaseApplication):  # type: ignore[misc]
@@ -112,7 +114,6 @@ def serve_gunicorn(options: RunOptions, manager: CertificateManager | None) -> i
     binds = [f"{options.host}:{options.port}"]
     if manager is not None:
         os.environ["MESH_TLS_PORT"] = str(options.port)
-        os.environ["MESH_TRUST_DOMAIN_SERVED"] = _served_domain(manager)
         if options.plain_port is not None:
             binds.append(f"{options.host}:{options.plain_port}")
     settings: dict[str, Any] = {
@@ -120,13 +121,7 @@ def serve_gunicorn(options: RunOptions, manager: CertificateManager | None) -> i
         "workers": options.workers,
         "worker_class": f"{MeshSyncWorker.__module__}.{MeshSyncWorker.__name__}",
         "graceful_timeout": 5,
-        "keepalive": options.timeout_keep_alive,
         "loglevel": "warning",
     }
     _Application(options.app, settings).run()
     return 0
-
-
-def _served_domain(manager: CertificateManager) -> str:
-    spiffe_id = manager.contexts.spiffe_id or "spiffe://mesh.local/"
-    return spiffe_id.removeprefix("spiffe://").partition("/")[0]

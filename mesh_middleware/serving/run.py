@@ -95,16 +95,11 @@ def run(options: RunOptions) -> int:
     if options.plain_port is not None:
         os.environ["MESH_PLAIN_PORT"] = str(options.plain_port)
     os.environ.setdefault("MESH_ADVERTISE", f"{_advertised_host(options.host)}:{options.port}")
-    stop = threading.Event()
-    renewer = threading.Thread(
-        target=_renew, args=(manager, stop), name="mesh-run-certificates", daemon=True
-    )
-    renewer.start()
+    renewer = _Renewer(manager)
     try:
         return _serve(options, manager, mode)
     finally:
-        stop.set()
-        renewer.join(timeout=5)
+        renewer.stop()
         manager.close()
         client.close()
 
@@ -142,12 +137,51 @@ def _certificate(client: RegistryClient, service: str, wait: float) -> Certifica
         delay = min(delay * 2, 2.0)
 
 
-def _renew(manager: CertificateManager, stop: threading.Event) -> None:
-    while not stop.wait(_TICK_SECONDS):
-        try:
-            manager.tick()
-        except Exception as exc:  # the thread must outlive any one failure
-            _say(f"certificate renewal failed unexpectedly: {exc!r}")
+class _Renewer:
+    """The launcher's thread that keeps the certificate fresh.
+
+    gunicorn forks its workers from this process: a fork waits for a renewal under way to
+    finish (bounded), so that no worker inherits a lock held at that moment (a log file's,
+    say). Workers do not renew; they reload what this thread writes.
+    """
+
+    def __init__(self, manager: CertificateManager) -> None:
+        self._manager = manager
+        self._stop = threading.Event()
+        self._ticking = threading.Lock()
+        self._held = False
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork,
+            after_in_child=self._in_child,
+        )
+        self._thread = threading.Thread(target=self._run, name="mesh-run-certificates", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_TICK_SECONDS):
+            with self._ticking:
+                try:
+                    self._manager.tick()
+                except Exception as exc:  # the thread must outlive any one failure
+                    _say(f"certificate renewal failed unexpectedly: {exc!r}")
+
+    def _before_fork(self) -> None:
+        self._held = self._ticking.acquire(timeout=5.0)
+
+    def _after_fork(self) -> None:
+        if self._held:
+            self._held = False
+            self._ticking.release()
+
+    def _in_child(self) -> None:
+        self._ticking = threading.Lock()
+        self._held = False
+        self._stop.set()  # the thread did not come along; nothing to renew here
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _advertised_host(host: str) -> str:
@@ -168,7 +202,6 @@ def _serve(options: RunOptions, manager: CertificateManager | None, mode: str) -
 
 def _serve_uvicorn(options: RunOptions, manager: CertificateManager | None, mode: str) -> int:
     import uvicorn
-    from uvicorn._compat import asyncio_run
 
     from mesh_middleware.serving.uvicorn_tls import LinkedServer, tell_peer
 
@@ -211,8 +244,10 @@ def _serve_uvicorn(options: RunOptions, manager: CertificateManager | None, mode
 
     previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # uvicorn's own runner, with its loop (uvloop when installed), for all the servers.
-        asyncio_run(_together(servers), loop_factory=servers[0].config.get_loop_factory())
+        # The loop uvicorn would choose (uvloop when installed), for all the servers.
+        loop_factory = servers[0].config.get_loop_factory()
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_together(servers))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -19,11 +19,11 @@ from typing import Any
 import uvicorn
 from uvicorn.config import Config
 
+from mesh_middleware.defaults import PEER_KEY as PEER_SCOPE_KEY
 from mesh_middleware.identity.x509 import peer_spiffe_id
 
 __all__ = ["LinkedServer", "tell_peer"]
 
-PEER_SCOPE_KEY = "mesh.peer"
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -41,11 +41,16 @@ def _tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
 
 
 def tell_peer(config: Config) -> None:
-    """Load ``config`` and make its HTTP protocol tell apps the TLS peer of each request."""
+    """Load ``config`` and make its HTTP and websocket protocols tell apps the TLS peer."""
     if not config.loaded:
         config.load()
-    base: Any = config.http_protocol_class
+    config.http_protocol_class = _telling_peer(config.http_protocol_class)
+    if config.ws_protocol_class is not None:
+        # A websocket upgrade hands the connection to this class, with its own app reference.
+        config.ws_protocol_class = _telling_peer(config.ws_protocol_class)
 
+
+def _telling_peer(base: Any) -> type[asyncio.Protocol]:
     class MeshTLSProtocol(base):  # type: ignore[misc]
         app: Any
 
@@ -56,7 +61,7 @@ def tell_peer(config: Config) -> None:
                 return
             peer = peer_spiffe_id(ssl_object.getpeercert())
             tls = _tls_extension(ssl_object)
-            app: Any = self.app
+            app = self.app
 
             async def with_peer(scope: Any, receive: Any, send: Any) -> None:
                 scope[PEER_SCOPE_KEY] = peer
@@ -70,7 +75,7 @@ def tell_peer(config: Config) -> None:
             self.app = with_peer
 
     MeshTLSProtocol.__name__ = f"MeshTLS{base.__name__}"
-    config.http_protocol_class = MeshTLSProtocol
+    return MeshTLSProtocol
 
 
 class LinkedServer(uvicorn.Server):

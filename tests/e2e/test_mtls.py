@@ -257,3 +257,61 @@ def test_gunicorn_workers_serve_mutual_tls_and_see_the_peer(
         with pytest.raises(httpx.TransportError):
             httpx.get(f"https://127.0.0.1:{port}/items/1", verify=False)
     assert os.path.exists(tmp_path / "gunicorn.log")
+
+
+def test_websockets_over_mutual_tls_carry_the_peer_too(
+    strict_inventory: tuple[int, int], registry: Registry, tmp_path: Path
+) -> None:
+    """A websocket upgrade on the TLS port is admitted under strict (it came over mTLS), and
+    its token must name the certificate's service like any request."""
+    import json
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port, _ = strict_inventory
+    gateway = dev_certificate(registry.url, "gateway", tmp_path)
+    url = f"wss://127.0.0.1:{port}/ws"
+    token = dev_token(registry.url, "gateway", "inventory")
+    with connect(
+        url, ssl=gateway, server_hostname="inventory", additional_headers={"x-mesh-identity": token}
+    ) as websocket:
+        assert json.loads(websocket.recv(timeout=10)) == {"caller": "gateway"}
+    orders_token = dev_token(registry.url, "orders", "inventory")
+    with pytest.raises(InvalidStatus) as refused:
+        connect(
+            url,
+            ssl=gateway,
+            server_hostname="inventory",
+            additional_headers={"x-mesh-identity": orders_token},
+        )
+    assert refused.value.response.status_code == 401
+
+
+def test_a_client_that_cannot_do_mtls_fails_fast_and_blames_no_instance(
+    strict_inventory: tuple[int, int], registry: Registry, tmp_path: Path
+) -> None:
+    from mesh_middleware.adapters.httpx import MeshTransport, NoMeshCertificate
+
+    policy = write(tmp_path / "off.yaml", with_mtls(CLIENT_POLICY, "off"))
+    with Mesh(policy, registry_url=registry.url) as mesh, mesh.client(timeout=10.0) as client:
+        with pytest.raises(NoMeshCertificate, match=r"takes only mutual TLS .*mtls: off"):
+            client.get("http://inventory/items/1")
+        destination = mesh.outbound.destination("inventory")
+        assert destination is not None
+        endpoints = destination.endpoints()
+        assert endpoints is not None
+        assert all(e.consecutive_failures == 0 and e.in_flight == 0 for e in endpoints.endpoints)
+    # A transport given for the rest never carries mTLS tries: the mesh's own pool does,
+    # presenting the certificate and checking the server's SPIFFE ID.
+    policy = write(tmp_path / "on.yaml", CLIENT_POLICY)
+    with (
+        Mesh(policy, registry_url=registry.url) as mesh,
+        httpx.Client(
+            transport=MeshTransport(mesh, transport=httpx.HTTPTransport(verify=False)),
+            timeout=10.0,
+        ) as client,
+    ):
+        answer = client.get("http://inventory/items/1")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["caller"] == "gateway"

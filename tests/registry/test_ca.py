@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from pathlib import Path
 
@@ -193,7 +194,8 @@ def test_rotation_trusts_the_new_root_first_and_retires_the_old_one_last(
     clock.advance(1)
     ca.maintain()
     assert [r["id"] for r in ca.roots()] == [new]
-    assert [r.root_id for r in store.load_ca_roots()] == [new]
+    kept = {r.root_id: bool(r.key_pem) for r in store.load_ca_roots()}
+    assert kept == {new: True, old: False}  # the old one remembered, its key destroyed
 
 
 def test_a_created_root_rotates_itself_with_a_third_of_its_life_left(
@@ -294,3 +296,122 @@ def test_the_peer_id_is_the_one_spiffe_uri_or_none(names: list[tuple[str, str]])
 def test_no_certificate_means_no_peer() -> None:
     assert peer_spiffe_id(None) is None
     assert peer_spiffe_id({}) is None
+
+
+# -- what the review of the first version found ------------------------------------------
+
+
+def test_a_root_superseded_before_its_turn_never_signs(
+    store: SQLiteStore, clock: WallClock
+) -> None:
+    ca = authority(store, clock)
+    first = ca.signing_root_id()
+    superseded = ca.rotate().root_id  # signs in 600 s...
+    clock.advance(1)
+    latest = ca.rotate(activate_after=100).root_id  # ...but another rotation comes first
+    clock.advance(100)
+    assert ca.signing_root_id() == latest
+    clock.advance(AFTER)
+    assert ca.signing_root_id() == latest  # not the older pending root, whose time came
+    states = {r["id"]: r["state"] for r in ca.roots()}
+    assert states[latest] == "signing"
+    assert states[first] == states[superseded] == "retiring"
+
+
+def test_a_new_root_may_not_sign_before_instances_can_know_it(
+    store: SQLiteStore, clock: WallClock
+) -> None:
+    ca = authority(store, clock)
+    with pytest.raises(ValueError, match="at least 70s"):
+        ca.rotate(activate_after=30)
+    with pytest.raises(ValueError, match="at least 70s"):
+        authority(store, clock, activate_after=5)
+    short = authority(store, clock, leaf_lifetime=4.0)
+    assert short.rotate(activate_after=5).activate_at == clock.now + 5  # leaves renew faster
+
+
+def test_a_retired_operator_root_is_never_trusted_again(tmp_path: Path, clock: WallClock) -> None:
+    store = SQLiteStore(tmp_path / "r.db")
+    try:
+        old = load_supplied_root(*operator_root())
+        ca = authority(store, clock, supplied=old)
+        ca.rotate()
+        clock.advance(AFTER + LEAF + defaults.CLOCK_LEEWAY_SECONDS)
+        ca.maintain()
+        assert len(ca.bundle()) == 1
+        retired = [r for r in store.load_ca_roots() if not r.key_pem]
+        assert len(retired) == 1  # remembered, its key destroyed
+        with pytest.raises(ValueError, match="rotated out and retired"):
+            authority(store, clock, supplied=old)
+    finally:
+        store.close()
+
+
+def test_an_intermediate_or_forged_root_is_refused() -> None:
+    root_pem, root_key_pem = operator_root()
+    root = load_certificate(root_pem)
+    root_key = serialization.load_pem_private_key(root_key_pem.encode(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(tz=datetime.UTC)
+    intermediate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    pem = intermediate.public_bytes(serialization.Encoding.PEM).decode()
+    with pytest.raises(ValueError, match="self-signed root"):
+        load_supplied_root(pem, key_pem(key).decode())
+
+
+def test_leaves_name_an_operator_roots_own_key_identifier(
+    store: SQLiteStore, clock: WallClock, tmp_path: Path
+) -> None:
+    """A root whose subject key identifier is not derived from its key (RFC 7093 allows other
+    methods): leaves must carry that identifier, or OpenSSL finds no issuer."""
+    import ssl
+
+    from mesh_middleware.identity.tls import client_context, server_context
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd SKI root")])
+    now = datetime.datetime.now(tz=datetime.UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=300))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier(b"\x01" * 20), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    supplied = (root.public_bytes(serialization.Encoding.PEM).decode(), key_pem(key).decode())
+    ca = authority(store, clock, supplied=load_supplied_root(*supplied))
+    paths = []
+    for service in ("inventory", "orders"):
+        leaf_key = generate_key()
+        issued = ca.issue(build_csr(leaf_key, ""), service)
+        path = tmp_path / f"{service}.pem"
+        path.write_bytes(issued.certificate_pem.encode() + key_pem(leaf_key))
+        paths.append(path)
+    server = server_context("mesh.local", paths[0], paths[0], ca.bundle())
+    client = client_context("mesh.local", paths[1], paths[1], ca.bundle())
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    back_in, back_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_side = client.wrap_bio(back_in, outgoing, server_hostname="inventory")
+    server_side = server.wrap_bio(incoming, back_out, server_side=True)
+    for _ in range(10):  # a handshake in memory: the chain must build from the AKI
+        for side in (client_side, server_side):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        incoming.write(outgoing.read())
+        back_in.write(back_out.read())
+    assert peer_spiffe_id(client_side.getpeercert()) == "spiffe://mesh.local/svc/inventory"

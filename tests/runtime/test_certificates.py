@@ -115,3 +115,61 @@ def test_close_removes_the_key(manager: CertificateManager) -> None:
     assert manager.obtain(timeout=5.0)
     manager.close()
     assert not manager.files.directory.exists()
+
+
+def test_a_failed_fetch_is_not_asked_again_by_every_caller(
+    registry: Registry, clock: Clock, tmp_path: Path
+) -> None:
+    """The files cannot be written (an OSError, not a crash): the failure backs off, and callers
+    asking meanwhile get an answer at once instead of another round trip each."""
+    client = RegistryClient(registry.url, timeout=2.0)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    manager = CertificateManager(
+        client, lambda: "orders", lambda: "mesh.local", TLSFiles(blocked), clock=clock
+    )
+    try:
+        before = issued_count(registry)
+        assert not manager.obtain(timeout=5.0)
+        assert issued_count(registry) == before + 1
+        assert not manager.obtain(timeout=5.0)  # within the backoff: no second request
+        assert issued_count(registry) == before + 1
+        clock.now += 1.0
+        assert not manager.obtain(timeout=5.0)  # after it: one more try
+        assert issued_count(registry) == before + 2
+    finally:
+        client.close()
+
+
+def issued_count(registry: Registry) -> int:
+    metrics = httpx.get(f"{registry.url}/metrics", timeout=5.0).text
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("mesh_registry_certificates_issued_total{")
+        )
+    )
+
+
+def test_a_mesh_never_presents_another_services_certificate(
+    manager: CertificateManager, registry: Registry, tmp_path: Path
+) -> None:
+    """MESH_TLS_DIR inherited by a process of another service (a child of a `mesh run` app):
+    its Mesh ignores the directory, and says nothing about serving mTLS."""
+    from mesh_middleware import Mesh
+    from mesh_middleware.policy.compiled import compile_policy_text
+
+    assert manager.obtain(timeout=5.0)  # orders' certificate
+    policy = compile_policy_text("service: payments\n")
+    with Mesh(
+        policy, registry_url=registry.url, watch=False, tls_dir=manager.files.directory
+    ) as payments:
+        assert payments.tls is None or payments.tls.spiffe_id != manager.contexts.spiffe_id
+        assert payments.certificates is not None  # it would fetch its own
+    policy = compile_policy_text("service: orders\n")
+    with Mesh(
+        policy, registry_url=registry.url, watch=False, tls_dir=manager.files.directory
+    ) as orders:
+        assert orders.tls is not None
+        assert orders.tls.spiffe_id == "spiffe://mesh.local/svc/orders"

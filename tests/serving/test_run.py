@@ -103,3 +103,16 @@ def test_ca_show_and_rotate(
         monkeypatch.setenv("MESH_ADMIN_TOKEN", "mat_wrong")
         assert main(["ca", "rotate"]) == 1
         assert "401" in capsys.readouterr().err
+
+
+def test_a_ca_key_never_travels_in_plaintext(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.registry.test_ca import operator_root
+
+    certificate, key = operator_root()
+    (tmp_path / "ca.pem").write_text(certificate)
+    (tmp_path / "ca.key").write_text(key)
+    argv = ["ca", "rotate", "--cert", str(tmp_path / "ca.pem"), "--key", str(tmp_path / "ca.key")]
+    assert main([*argv, "--registry", "http://10.1.2.3:7400", "--admin-token", "mat_x"]) == 2
+    assert "over plain HTTP" in capsys.readouterr().err

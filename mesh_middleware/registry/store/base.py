@@ -54,8 +54,8 @@ class KeyRecord:
 @dataclass(frozen=True, slots=True)
 class CARootRecord:
     """A root of the mesh CA: trusted from creation, signs from ``activate_at``, gone at
-    ``retire_at``. ``supplied`` roots came from the operator and are never rotated by the
-    registry itself."""
+    ``retire_at`` (then kept with an empty ``key_pem``, so that it is never trusted again).
+    ``supplied`` roots came from the operator and are never rotated by the registry itself."""
 
     root_id: str
     certificate_pem: str
@@ -93,5 +93,4 @@ class Store(Protocol):
     def delete_key(self, kid: str) -> None: ...
     def load_ca_roots(self) -> list[CARootRecord]: ...
     def put_ca_root(self, record: CARootRecord) -> None: ...
-    def delete_ca_root(self, root_id: str) -> None: ...
     def close(self) -> None: ...

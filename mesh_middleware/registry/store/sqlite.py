@@ -224,9 +224,6 @@ class SQLiteStore:
             ),
         )
 
-    def delete_ca_root(self, root_id: str) -> None:
-        self._write("DELETE FROM ca_roots WHERE root_id = ?", (root_id,))
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
