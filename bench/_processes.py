@@ -97,3 +97,16 @@ class PinnedProcess:
     def stop(self) -> None:
         stop_group(self.process, grace=self.grace)
         self._log.close()
+
+
+def core_busy_seconds(cpu: int) -> float:
+    """Time one CPU has spent busy (any process; not idle or waiting on I/O) since boot, from
+    /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, _, rest = line.partition(" ")
+        if name == f"cpu{cpu}":
+            # user nice system idle iowait irq softirq steal ...
+            ticks = [int(n) for n in rest.split()]
+            busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+            return busy / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")

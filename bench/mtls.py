@@ -71,7 +71,7 @@ from typing import Any, TextIO
 
 import httpx
 import structlog
-from _processes import PinnedProcess, free_port
+from _processes import PinnedProcess, core_busy_seconds, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0
@@ -319,18 +319,6 @@ def percentile(ordered: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def core_busy_seconds(cpu: int) -> float:
-    """Time one CPU has spent busy (any process) since boot, from /proc/stat."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, _, rest = line.partition(" ")
-        if name == f"cpu{cpu}":
-            # user nice system idle iowait irq softirq steal ...
-            ticks = [int(n) for n in rest.split()]
-            busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
-            return busy / os.sysconf("SC_CLK_TCK")
-    raise BenchError(f"no cpu{cpu} in /proc/stat")
 
 
 def retries_so_far() -> float:

@@ -43,7 +43,7 @@ from typing import Any, TextIO
 
 import httpx
 import structlog
-from _processes import PinnedProcess, free_port
+from _processes import PinnedProcess, core_busy_seconds, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -242,18 +242,6 @@ async def timed_run(
         client_core_other_pct=100 * other / elapsed,
         statuses=dict(statuses),
     )
-
-
-def core_busy_seconds(cpu: int) -> float:
-    """Time one CPU has spent busy (any process) since boot, from /proc/stat."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, _, rest = line.partition(" ")
-        if name == f"cpu{cpu}":
-            # user nice system idle iowait irq softirq steal ...
-            ticks = [int(n) for n in rest.split()]
-            busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
-            return busy / os.sysconf("SC_CLK_TCK")
-    raise BenchError(f"no cpu{cpu} in /proc/stat")
 
 
 # -- phases ----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 import uvloop
-from _processes import PinnedProcess, free_port
+from _processes import PinnedProcess, core_busy_seconds, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0
@@ -129,17 +129,6 @@ def _parse_metrics(text: bytes) -> dict[str, float]:
     return out
 
 
-def _busy_seconds(cpu: int) -> float:
-    """Time ``cpu`` has spent busy (not idle or waiting on I/O) since boot, all processes."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, _, rest = line.partition(" ")
-        if name == f"cpu{cpu}":
-            ticks = [int(n) for n in rest.split()]
-            busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
-            return busy / os.sysconf("SC_CLK_TCK")
-    raise BenchError(f"no cpu{cpu} in /proc/stat")
-
-
 def _self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -161,8 +150,8 @@ class CpuSample:
             wall=time.monotonic(),
             registry=registry.cpu_seconds(),
             generator=_self_cpu_seconds(),
-            server_core=_busy_seconds(SERVER_CPU),
-            client_core=_busy_seconds(CLIENT_CPU),
+            server_core=core_busy_seconds(SERVER_CPU),
+            client_core=core_busy_seconds(CLIENT_CPU),
         )
 
 
