@@ -17,10 +17,8 @@ the new certificate at once, open ones are not touched. The instance registers t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -185,11 +183,9 @@ class _Renewer:
 
 
 def _advertised_host(host: str) -> str:
-    if host not in _WILDCARDS:
-        return host
-    with contextlib.suppress(OSError):
-        return socket.gethostbyname(socket.gethostname())
-    return "127.0.0.1"
+    # As the Mesh's own rule (docs/runtime.md): a wildcard bind is advertised as loopback,
+    # right on one machine; on several, MESH_ADVERTISE says which address callers reach.
+    return "127.0.0.1" if host in _WILDCARDS else host
 
 
 def _serve(options: RunOptions, manager: CertificateManager | None, mode: str) -> int:
