@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +34,7 @@ from mesh_middleware.adapters.httpx_errors import (
     httpx_error,
 )
 from mesh_middleware.discovery.endpoints import Endpoint
-from mesh_middleware.identity.tls import SwappableContext
+from mesh_middleware.outbound import mtls
 from mesh_middleware.outbound.call import Call, CallRefused, Next
 from mesh_middleware.outbound.destination import Destination
 from mesh_middleware.outbound.mirror import ShadowSender, mirror_slots
@@ -46,8 +45,7 @@ from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.tracecontext import SpanContext
 
 if TYPE_CHECKING:
-    from mesh_middleware.runtime.certificates import TLSContexts
-from mesh_middleware.runtime.mesh import Mesh
+    from mesh_middleware.runtime.mesh import Mesh
 
 __all__ = [
     "AsyncMeshTransport",
@@ -109,9 +107,11 @@ class NoMeshCertificate(httpx.ConnectError):
     """A mutual-TLS-only destination, and no certificate here to present (nothing was sent)."""
 
 
-def _mesh_context(tls: TLSContexts | None) -> ssl.SSLContext:
-    # Without mesh TLS at all, a context that can make no handshake: never an unchecked one.
-    return tls.client if tls is not None else SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
+def _tls_transport_options(mesh: Mesh, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of the pool mutual-TLS tries go through: the transport's own, but for its
+    trust, which is the mesh's (see ``outbound.mtls.client_context``)."""
+    kept = {k: v for k, v in options.items() if k not in ("verify", "cert")}
+    return {**kept, "verify": mtls.client_context(mesh)}
 
 
 MESH_TLS = "mesh.tls"
@@ -341,13 +341,11 @@ class _Plane:
                 request.url = url
                 self.finish(call, request, 0, [], None, error=type(exc).__name__)
                 raise
-            span = call.span = self.telemetry.try_span(call, request.method)
-            _trace(request.headers, span.context, keep=False)
         else:
-            span = call.span = self.telemetry.try_span(call, request.method)
-            _trace(request.headers, span.context, keep=False)
             request.url = aim(url, endpoint)
             request.extensions[MESH_TLS] = False
+        span = call.span = self.telemetry.try_span(call, request.method)
+        _trace(request.headers, span.context, keep=False)
         seconds = call.try_timeout(now)
         request.extensions["timeout"] = _try_timeouts(timeouts, seconds)
         set_header(request.headers, _DEADLINE, call.header_deadline(now))
@@ -356,32 +354,21 @@ class _Plane:
     def _aim_tls(
         self, call: Call, request: httpx.Request, url: httpx.URL, endpoint: Endpoint
     ) -> None:
-        """An instance serving mutual TLS: over TLS, checking its SPIFFE ID, when this instance
-        holds a certificate; else on its plaintext port if it has one (``mtls: permissive``)
-        and this service's own policy is not ``mtls: strict`` (which never downgrades).
-        With neither, ``NoMeshCertificate``: a local failure, not the instance's."""
+        """An instance serving mutual TLS, reached as ``outbound.mtls.over_tls`` decides: over
+        TLS, checking its SPIFFE ID, or on its plaintext port; else ``NoMeshCertificate``."""
         extensions = request.extensions
-        if self.mesh.client_tls(wait=0) is None:
-            if endpoint.plain_port is not None and self.mesh.policy.mtls != "strict":
-                request.url = aim_plain(url, endpoint)
-                extensions[MESH_TLS] = False
-                return
-            raise NoMeshCertificate(
-                f"{call.destination.service} takes only mutual TLS and this instance holds no "
-                "mesh certificate"
-                + (" (its policy says mtls: off)" if self.mesh.policy.mtls == "off" else ""),
-                request=request,
-            )
+        service = call.destination.service
+        try:
+            secure = mtls.over_tls(self.mesh, service, endpoint)
+        except mtls.NoCertificate as exc:
+            raise NoMeshCertificate(str(exc), request=request) from None
+        if not secure:
+            request.url = aim_plain(url, endpoint)
+            extensions[MESH_TLS] = False
+            return
         request.url = aim(url, endpoint)
         extensions[MESH_TLS] = True
-        extensions["sni_hostname"] = call.destination.service  # the SPIFFE ID to expect
-
-    def tls_needed(self, call: Call) -> bool:
-        """Whether a certificate should be fetched before the first try (some instance of the
-        destination serves mutual TLS, and this instance holds none yet)."""
-        endpoints = call.endpoint_set
-        tls = self.mesh.tls
-        return endpoints is not None and endpoints.tls and tls is not None and not tls.ready
+        extensions["sni_hostname"] = service  # the SPIFFE ID to expect
 
     def failed(
         self, call: Call, endpoint: Endpoint, request: httpx.Request, exc: httpx.TransportError
@@ -554,9 +541,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         certificate and checking the server's SPIFFE ID, whatever transport was given for the
         rest (``transport_options`` apply to it, ``verify`` and ``cert`` excepted)."""
         if self._tls is None:
-            tls = self.mesh.tls
-            options = {k: v for k, v in self._options.items() if k not in ("verify", "cert")}
-            self._tls = httpx.AsyncHTTPTransport(verify=_mesh_context(tls), **options)
+            self._tls = httpx.AsyncHTTPTransport(**_tls_transport_options(self.mesh, self._options))
         return self._tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -576,7 +561,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if token is None and mesh.registry_url is not None:
                 token = await anyio.to_thread.run_sync(mesh.identity_token, destination.service)
             _identity(request, token)
-            if plane.tls_needed(call):
+            if mtls.certificate_due(mesh, call.endpoint_set):
                 await anyio.to_thread.run_sync(mesh.client_tls)
             shadow = plane.shadow(call, request)
             if shadow is not None:
@@ -673,9 +658,7 @@ class MeshTransport(httpx.BaseTransport):
         """Where mutual-TLS tries go (see ``AsyncMeshTransport._tls_transport``)."""
         with self._tls_lock:
             if self._tls is None:
-                tls = self.mesh.tls
-                options = {k: v for k, v in self._options.items() if k not in ("verify", "cert")}
-                self._tls = httpx.HTTPTransport(verify=_mesh_context(tls), **options)
+                self._tls = httpx.HTTPTransport(**_tls_transport_options(self.mesh, self._options))
             return self._tls
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -691,7 +674,7 @@ class MeshTransport(httpx.BaseTransport):
                 )
             mesh = self.mesh
             _identity(request, mesh.identity_token(destination.service))
-            if plane.tls_needed(call):
+            if mtls.certificate_due(mesh, call.endpoint_set):
                 mesh.client_tls()
             shadow = plane.shadow(call, request)
             if shadow is not None:

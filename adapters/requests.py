@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import ssl
 import time
 from collections.abc import Mapping
 from functools import partial
@@ -28,6 +27,7 @@ from urllib3.exceptions import NewConnectionError
 from mesh_middleware import defaults
 from mesh_middleware.discovery.endpoints import Endpoint
 from mesh_middleware.identity.tls import SwappableContext
+from mesh_middleware.outbound import mtls
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.mirror import ShadowSender
 from mesh_middleware.outbound.telemetry import FLAG_OF_FAILURE, FLAG_OF_REFUSAL, external_context
@@ -180,9 +180,7 @@ class MeshAdapter(HTTPAdapter):
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
-            endpoint_set = call.endpoint_set
-            tls = self.mesh.tls
-            if endpoint_set is not None and endpoint_set.tls and tls is not None and not tls.ready:
+            if mtls.certificate_due(self.mesh, call.endpoint_set):
                 self.mesh.client_tls()  # this instance's certificate, with a bounded wait
             if call.mirrored and call.replayable:
                 self._mirror(call, request, target)
@@ -320,23 +318,21 @@ class MeshAdapter(HTTPAdapter):
     def _aim(
         self, request: requests.PreparedRequest, call: Call, endpoint: Endpoint, target: str
     ) -> str:
-        """The URL of this try; over mesh mutual TLS when the instance serves it and this
-        instance holds a certificate (else its plaintext port, if it has one)."""
+        """The URL of this try; to an instance serving mutual TLS, as
+        ``outbound.mtls.over_tls`` decides (else ``_NoMeshCertificate``)."""
         if not endpoint.tls:
             setattr(request, _MESH_TLS, None)
             return f"{endpoint.scheme}://{endpoint.authority}{target}"
-        if self.mesh.client_tls(wait=0) is None:
-            mode = self.mesh.policy.mtls
-            if endpoint.plain_port is not None and mode != "strict":
-                setattr(request, _MESH_TLS, None)
-                host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-                return f"http://{host}:{endpoint.plain_port}{target}"
-            raise _NoMeshCertificate(
-                f"{call.destination.service} takes only mutual TLS and this instance holds no "
-                "mesh certificate" + (" (its policy says mtls: off)" if mode == "off" else ""),
-                request=request,
-            )
-        setattr(request, _MESH_TLS, call.destination.service)
+        service = call.destination.service
+        try:
+            secure = mtls.over_tls(self.mesh, service, endpoint)
+        except mtls.NoCertificate as exc:
+            raise _NoMeshCertificate(str(exc), request=request) from None
+        if not secure:
+            setattr(request, _MESH_TLS, None)
+            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+            return f"http://{host}:{endpoint.plain_port}{target}"
+        setattr(request, _MESH_TLS, service)
         return f"https://{endpoint.authority}{target}"
 
     def get_connection_with_tls_context(
@@ -352,14 +348,12 @@ class MeshAdapter(HTTPAdapter):
         if service is None:
             return super().get_connection_with_tls_context(request, verify, proxies, cert)
         parts = urlsplit(request.url or "")
-        tls = self.mesh.tls
-        context = tls.client if tls is not None else SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
         return self.poolmanager.connection_from_host(
             parts.hostname,
             parts.port,
             scheme="https",
             pool_kwargs={
-                "ssl_context": context,
+                "ssl_context": mtls.client_context(self.mesh),
                 "server_hostname": service,
                 "assert_hostname": False,
             },

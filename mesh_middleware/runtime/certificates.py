@@ -91,12 +91,14 @@ class TLSFiles:
     def __init__(self, directory: Path | None) -> None:
         """``directory=None``: a private one, made at the first write (and removed at exit)."""
         self._directory = directory
+        self._owner = os.getpid()
 
     @property
     def directory(self) -> Path:
         if self._directory is None:
             self._directory = private_directory()
-            atexit.register(_remove_owned, self._directory, os.getpid())
+            self._owner = os.getpid()  # perhaps a worker forked since this object was made
+            atexit.register(self.remove)
         return self._directory
 
     @property
@@ -144,22 +146,17 @@ class TLSFiles:
         ]
 
     def remove(self) -> None:
-        if self._directory is not None:
+        """Delete the directory, if this process made these files: forked workers share them
+        (and run their parent's exit handlers too), and only the maker removes the key."""
+        if self._directory is not None and os.getpid() == self._owner:
             shutil.rmtree(self._directory, ignore_errors=True)
-
-
-def _remove_owned(directory: Path, owner: int) -> None:
-    # Forked workers run their parent's exit handlers too: only the maker removes the key.
-    if os.getpid() == owner:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class TLSContexts:
     """The client and server contexts of this process, current with the files."""
 
-    def __init__(self, files: TLSFiles, trust_domain: Callable[[], str]) -> None:
+    def __init__(self, files: TLSFiles) -> None:
         self.files = files
-        self._trust_domain = trust_domain
         self.client = SwappableContext(ssl.PROTOCOL_TLS_CLIENT)
         self.server = SwappableContext(ssl.PROTOCOL_TLS_SERVER)
         self.expires_at: float | None = None
@@ -188,9 +185,11 @@ class TLSContexts:
                 certificate = load_certificate(self.files.identity.read_bytes())
                 ids = certificate_spiffe_ids(certificate)
                 parsed = parse_service_id(ids[0]) if len(ids) == 1 else None
+                if parsed is None:
+                    raise ValueError(f"the certificate names no one mesh service: {ids}")
                 # The trust domain is the one the CA wrote into this instance's certificate:
                 # right even when the Mesh has not heard from the registry yet.
-                domain = parsed[0] if parsed is not None else self._trust_domain()
+                domain, service = parsed
                 client = client_context(domain, self.files.identity, self.files.identity, bundle)
                 server = server_context(domain, self.files.identity, self.files.identity, bundle)
             except (OSError, ValueError, ssl.SSLError) as exc:
@@ -203,9 +202,8 @@ class TLSContexts:
             self.client.swap(client)
             self.server.swap(server)
             self.expires_at = certificate.not_valid_after_utc.timestamp()
-            self.spiffe_id = ids[0] if len(ids) == 1 else None
-            if parsed is not None:
-                metrics.CERTIFICATE_EXPIRY.labels(parsed[1]).set(self.expires_at)
+            self.spiffe_id = ids[0]
+            metrics.CERTIFICATE_EXPIRY.labels(service).set(self.expires_at)
         return True
 
 
@@ -233,7 +231,7 @@ class CertificateManager:
         self._service = service
         self._trust_domain = trust_domain
         self.files = files or TLSFiles(None)
-        self.contexts = TLSContexts(self.files, trust_domain)
+        self.contexts = TLSContexts(self.files)
         self._clock = clock
         self._uniform = uniform
         self.wanted = False
@@ -242,7 +240,6 @@ class CertificateManager:
         self._retry = _MIN_RETRY_SECONDS
         self._failing_since: float | None = None
         self._lock = threading.Lock()
-        self._owner = os.getpid()
 
     def want(self) -> None:
         """From now on, hold a certificate and keep it fresh."""
@@ -300,7 +297,6 @@ class CertificateManager:
         self._bundle_at = now + BUNDLE_REFRESH_SECONDS * self._uniform(0.9, 1.1)
         self._retry = _MIN_RETRY_SECONDS
         metrics.CERTIFICATE_RENEWALS.labels(service, "ok").inc()
-        metrics.CERTIFICATE_EXPIRY.labels(service).set(issued.expires_at)
         if self._failing_since is not None:
             log.info("certificate_renewed_after_failures", service=service, serial=issued.serial)
             self._failing_since = None
@@ -363,5 +359,4 @@ class CertificateManager:
 
     def close(self) -> None:
         """Delete the files, if this process made them (a forked worker leaves them)."""
-        if os.getpid() == self._owner:
-            self.files.remove()
+        self.files.remove()

@@ -141,7 +141,7 @@ class Mesh:
         directory = tls_dir if tls_dir is not None else os.environ.get("MESH_TLS_DIR") or None
         if directory is not None:
             # Under `mesh run`: the launcher keeps the files fresh; this process reloads them.
-            self.tls = TLSContexts(TLSFiles(Path(directory)), lambda: self.trust_domain)
+            self.tls = TLSContexts(TLSFiles(Path(directory)))
             self.tls.reload_if_changed()
             mine = self.tls.spiffe_id is not None and self.tls.spiffe_id.endswith(
                 f"/svc/{compiled.service}"

@@ -49,8 +49,7 @@ class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
         self._mesh_peer: str | None = None
         self._mesh_secure = False
         if directory is not None:
-            # The trust domain is read from the certificate the launcher got for this service.
-            self._mesh_contexts = TLSContexts(TLSFiles(Path(directory)), _no_trust_domain)
+            self._mesh_contexts = TLSContexts(TLSFiles(Path(directory)))
             self._mesh_contexts.reload_if_changed()
         super().init_process()
 
@@ -89,10 +88,6 @@ class MeshSyncWorker(SyncWorker):  # type: ignore[misc]
             self._mesh_peer = peer_spiffe_id(client.getpeercert())
             self._mesh_secure = True
         super().handle(listener, client, addr)
-
-
-def _no_trust_domain() -> str:
-    raise ValueError("the certificate names no SPIFFE ID to take the trust domain from")
 
 
 class _Application(BaseApplication):  # type: ignore[misc]
