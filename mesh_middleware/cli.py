@@ -13,11 +13,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mesh_middleware._version import __version__
 from mesh_middleware.errors import PolicyError
 
 __all__ = ["main"]
+
+_REGISTRY_TIMEOUT = 5.0
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -88,6 +91,7 @@ def _registry(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
         store_url=args.store,
+        store_key_file=Path(args.store_key_file) if args.store_key_file else None,
         dev=args.dev,
         trust_domain=args.trust_domain,
         cert_lifetime=args.cert_ttl,
@@ -114,7 +118,7 @@ def _registry(args: argparse.Namespace) -> int:
 def _ca_rotate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mesh_middleware.registry.client import RegistryError, admin_token, rotate_ca
+    from mesh_middleware.registry.client import RegistryError, admin_token
 
     if (args.cert is None) != (args.key is None):
         print("mesh ca rotate: --cert and --key go together", file=sys.stderr)
@@ -126,15 +130,14 @@ def _ca_rotate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    body: dict[str, str] = {}
     try:
         admin = admin_token(args.admin_token, data_dir=args.data_dir)
-        answer = rotate_ca(
-            args.registry,
-            admin,
-            certificate=Path(args.cert).read_text() if args.cert else None,
-            key=Path(args.key).read_text() if args.key else None,
-            activate_after=args.activate_after,
-        )
+        if args.cert is not None:
+            body.update(certificate=Path(args.cert).read_text(), key=Path(args.key).read_text())
+        if args.activate_after is not None:
+            body["activate_after"] = args.activate_after
+        answer = _registry_call(args, "POST", "/v1/admin/ca/rotate", body=body, admin=admin)
     except (RegistryError, OSError) as exc:
         print(f"mesh ca rotate: {exc}", file=sys.stderr)
         return 1
@@ -164,27 +167,72 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
-def _private_channel(url: str) -> bool:
+def _private_channel(urls: str) -> bool:
+    """Whether every registry URL of the (comma-separated) list is HTTPS or on this host."""
     import ipaddress
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return True
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
+    def private(url: str) -> bool:
+        parts = urlsplit(url.strip())
+        if parts.scheme == "https":
+            return True
+        host = parts.hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    return all(private(url) for url in urls.split(","))
+
+
+def _registry_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    admin: str | None = None,
+) -> Any:
+    """Call the registry named by ``--registry``: with several URLs (comma-separated), the same
+    failover as the runtime's (``RegistryClient``); only a ``GET`` goes on to the next one after
+    a request that may have been received. Raises the command line's ``RegistryError``.
+    """
+    import structlog
+
+    from mesh_middleware.registry.client import RegistryError
+    from mesh_middleware.runtime.registry_client import (
+        RegistryClient,
+        RegistryRefused,
+        RegistryUnavailable,
+    )
+
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        client = RegistryClient(
+            args.registry,
+            admin,
+            timeout=_REGISTRY_TIMEOUT,
+            # A failover is worth a note, but stdout is the answer (--json is piped).
+            logger=structlog.wrap_logger(structlog.PrintLogger(sys.stderr)),
+        )
+    except ValueError as exc:
+        raise RegistryError(f"--registry: {exc}") from None
+    try:
+        return client.request(method, path, body=body, idempotent=method == "GET")
+    except RegistryUnavailable as exc:
+        raise RegistryError(f"cannot reach the registry at {args.registry}: {exc}") from None
+    except RegistryRefused as exc:
+        raise RegistryError(str(exc)) from None
+    finally:
+        client.close()
 
 
 def _ca_show(args: argparse.Namespace) -> int:
-    from mesh_middleware.registry.client import RegistryError, get_json
+    from mesh_middleware.registry.client import RegistryError
 
     try:
-        body = get_json(args.registry, "/v1/ca/bundle")
+        body = _registry_call(args, "GET", "/v1/ca/bundle")
     except RegistryError as exc:
         print(f"mesh ca show: {exc}", file=sys.stderr)
         return 1
@@ -217,11 +265,14 @@ def _when(unix: float) -> str:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from mesh_middleware.registry.client import RegistryError, admin_token, create_join_token
+    from mesh_middleware.registry.client import RegistryError, admin_token
 
     try:
         admin = admin_token(args.admin_token, data_dir=args.data_dir)
-        token = create_join_token(args.registry, admin, args.service)
+        answer = _registry_call(
+            args, "POST", "/v1/admin/join-tokens", body={"service": args.service}, admin=admin
+        )
+        token = str(answer["token"])
     except RegistryError as exc:
         print(f"mesh token create: {exc}", file=sys.stderr)
         return 1
@@ -237,10 +288,10 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _services(args: argparse.Namespace) -> int:
-    from mesh_middleware.registry.client import RegistryError, get_json
+    from mesh_middleware.registry.client import RegistryError
 
     try:
-        body = get_json(args.registry, "/v1/catalog/services")
+        body = _registry_call(args, "GET", "/v1/catalog/services")
     except RegistryError as exc:
         print(f"mesh services: {exc}", file=sys.stderr)
         return 1
@@ -254,10 +305,10 @@ def _services(args: argparse.Namespace) -> int:
 
 
 def _instances(args: argparse.Namespace) -> int:
-    from mesh_middleware.registry.client import RegistryError, get_json
+    from mesh_middleware.registry.client import RegistryError
 
     try:
-        body = get_json(args.registry, f"/v1/catalog/services/{args.service}")
+        body = _registry_call(args, "GET", f"/v1/catalog/services/{args.service}")
     except RegistryError as exc:
         print(f"mesh instances: {exc}", file=sys.stderr)
         return 1
@@ -283,11 +334,11 @@ def _instances(args: argparse.Namespace) -> int:
 def _stat(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from mesh_middleware.registry.client import RegistryError, get_json
+    from mesh_middleware.registry.client import RegistryError
 
     path = "/v1/telemetry/topology" if args.edges else "/v1/telemetry/services"
     try:
-        body = get_json(args.registry, f"{path}?window={quote(args.window, safe='')}")
+        body = _registry_call(args, "GET", f"{path}?window={quote(args.window, safe='')}")
     except RegistryError as exc:
         print(f"mesh stat: {exc}", file=sys.stderr)
         return 1
@@ -297,14 +348,13 @@ def _stat(args: argparse.Namespace) -> int:
     try:
         _stat_tables(body, edges=args.edges)
     except (KeyError, TypeError, ValueError, AttributeError):
-        print(f"mesh stat: unexpected answer from {args.registry}{path}", file=sys.stderr)
+        print(f"mesh stat: unexpected answer to {path} from {args.registry}", file=sys.stderr)
         return 1
     return 0
 
 
 def _stat_tables(body: dict[str, object], *, edges: bool) -> None:
     """The services table (and the edges table) of a telemetry answer, drawn with rich."""
-    from typing import Any
 
     from rich import box
     from rich.console import Console
@@ -405,8 +455,11 @@ def _registry_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry",
         default=os.environ.get("MESH_REGISTRY_URL", "http://127.0.0.1:7400"),
-        metavar="URL",
-        help="default $MESH_REGISTRY_URL or http://127.0.0.1:7400",
+        metavar="URL[,URL…]",
+        help=(
+            "default $MESH_REGISTRY_URL or http://127.0.0.1:7400; several replicas, "
+            "comma-separated, are tried in turn"
+        ),
     )
 
 
@@ -458,7 +511,22 @@ def _parser() -> argparse.ArgumentParser:
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=7400)
     registry.add_argument(
-        "--store", default=None, metavar="URL", help="sqlite:///PATH (default: in --data-dir)"
+        "--store",
+        default=None,
+        metavar="URL",
+        help=(
+            "sqlite:///PATH (default: in --data-dir), or etcd://H1:2379,H2:2379,H3:2379/PREFIX "
+            "for replicas sharing one state"
+        ),
+    )
+    registry.add_argument(
+        "--store-key-file",
+        default=None,
+        metavar="FILE",
+        help=(
+            "etcd stores: the key (base64 of 32 bytes, file 0600) that wraps private keys "
+            "before they reach etcd (default $MESH_STORE_KEY)"
+        ),
     )
     registry.add_argument(
         "--data-dir",

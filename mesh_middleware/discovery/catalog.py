@@ -185,7 +185,7 @@ class Discovery:
         base = self._client
         watch = ServiceWatch(
             service,
-            RegistryClient(base.base_url, base.join_token, timeout=base.timeout),
+            RegistryClient(base.failover_order, base.join_token, timeout=base.timeout),
             self._published,
             wait=self._wait,
             previous=previous,

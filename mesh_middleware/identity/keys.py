@@ -2,7 +2,8 @@
 
 Only Ed25519 public keys are kept. A failed refresh keeps the last good keys (static
 stability). An unknown ``kid`` may trigger a refetch, at most once per
-``min_refetch_seconds``; concurrent callers share one fetch.
+``min_refetch_seconds``; concurrent callers share one fetch. Several sources (the same JWKS at
+each registry replica) are tried in turn until one answers; that one is tried first next time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,23 @@ def parse_jwks(document: Any) -> dict[str, OKPKey]:
 
 
 class KeyStore:
-    """The verification keys of a trust domain, by key id."""
+    """The verification keys of a trust domain, by key id.
+
+    ``source`` is a JWKS file or URL, or a sequence of them holding the same key set (one per
+    registry replica): a fetch tries them in order until one succeeds, and starts with that
+    one the next time.
+    """
 
     def __init__(
         self,
-        source: str | Path | None = None,
+        source: str | Path | Sequence[str | Path] | None = None,
         *,
         keys: dict[str, OKPKey] | None = None,
         min_refetch_seconds: float = defaults.JWKS_MIN_REFETCH_SECONDS,
         fetch_timeout: float = defaults.JWKS_FETCH_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.source = str(source) if source is not None else None
+        self._sources = _sources(source)
         self._keys: dict[str, OKPKey] = dict(keys or {})
         self._min_refetch = min_refetch_seconds
         self._timeout = fetch_timeout
@@ -75,6 +81,26 @@ class KeyStore:
         self.generation = 0
         self.last_error: str | None = None
         self.listeners: list[Callable[[], None]] = []
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every source, in the order the next fetch tries them."""
+        return self._sources
+
+    @sources.setter
+    def sources(self, sources: Sequence[str]) -> None:
+        with self._state_lock:
+            self._sources = _sources(sources)
+
+    @property
+    def source(self) -> str | None:
+        """The source the next fetch tries first (``None`` without one)."""
+        sources = self._sources
+        return sources[0] if sources else None
+
+    @source.setter
+    def source(self, source: str | Path | None) -> None:
+        self.sources = _sources(source)
 
     @property
     def is_url(self) -> bool:
@@ -164,20 +190,39 @@ class KeyStore:
         return kid in self._keys
 
     def _fetch_locked(self) -> bool:
-        assert self.source is not None
-        try:
-            document = self._read_url() if self.is_url else self._read_file()
-            keys = parse_jwks(document)
-        except Exception as exc:  # a bad source must never take verification down with it
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("jwks_fetch_failed", source=self.source, error=self.last_error)
-            return False
-        self.last_error = None
-        self.replace(keys)
-        return True
+        sources = self._sources
+        assert sources
+        errors: list[str] = []
+        for source in sources:
+            try:
+                is_url = source.startswith(("http://", "https://"))
+                keys = parse_jwks(self._read_url(source) if is_url else self._read_file(source))
+            except Exception as exc:  # a bad source must never take verification down with it
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if errors:
+                self._failed_over(sources, source, errors[0])
+            self.last_error = None
+            self.replace(keys)
+            return True
+        if len(sources) == 1:
+            self.last_error = errors[0]
+        else:
+            self.last_error = "; ".join(f"{s}: {e}" for s, e in zip(sources, errors, strict=True))
+        log.warning("jwks_fetch_failed", source=", ".join(sources), error=self.last_error)
+        return False
 
-    def _read_file(self) -> Any:
-        path = Path(self.source or "")
+    def _failed_over(self, sources: tuple[str, ...], source: str, error: str) -> None:
+        """Start the next fetch at ``source``, unless the sources were replaced meanwhile."""
+        at = sources.index(source)
+        with self._state_lock:
+            if self._sources is not sources:
+                return
+            self._sources = sources[at:] + sources[:at]
+        log.warning("jwks_failover", **{"from": sources[0]}, to=source, error=error)
+
+    def _read_file(self, source: str) -> Any:
+        path = Path(source)
         stat = path.stat()
         with open(path, "rb") as handle:
             raw = handle.read(defaults.MAX_JWKS_BYTES + 1)
@@ -186,14 +231,14 @@ class KeyStore:
         self._file_stamp = (stat.st_mtime_ns, stat.st_size)
         return json.loads(raw)
 
-    def _read_url(self) -> Any:
+    def _read_url(self, source: str) -> Any:
         # httpx's timeouts are per operation; a source that trickles bytes is cut off by an
         # overall deadline, and a document over the size cap is refused as it streams.
         deadline = time.monotonic() + self._timeout
         body = bytearray()
         with (
             httpx.Client(timeout=self._timeout, verify=registry_verify()) as client,
-            client.stream("GET", self.source or "", headers={"accept": "application/json"}) as r,
+            client.stream("GET", source, headers={"accept": "application/json"}) as r,
         ):
             r.raise_for_status()
             for chunk in r.iter_bytes():
@@ -203,3 +248,11 @@ class KeyStore:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"JWKS fetch took longer than {self._timeout}s")
         return json.loads(bytes(body))
+
+
+def _sources(source: str | Path | Sequence[str | Path] | None) -> tuple[str, ...]:
+    if source is None:
+        return ()
+    if isinstance(source, str | Path):
+        return (str(source),)
+    return tuple(str(each) for each in source)

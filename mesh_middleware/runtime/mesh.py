@@ -63,6 +63,8 @@ class Mesh:
     fetches and renews identity tokens, all in one background thread (see docs/runtime.md).
     ``join_token`` authenticates it (omit it for a ``--dev`` registry); ``advertise``
     (``host:port``) overrides the address found from the process's listening socket.
+    ``registry_url`` may list several replicas of the registry, comma-separated: each call
+    goes on to the next one when one is unavailable.
 
     Without a registry it runs standalone: ``jwks`` is a JWKS file or URL holding the trust
     domain's verification keys; without one, no identity can be verified, so a strict policy
@@ -475,7 +477,7 @@ class Mesh:
             self.verifier.issuer = bundle.issuer
             changed = True
         if self._keys_from_registry:
-            self.keys.source = bundle.jwks_url
+            self.keys.sources = bundle.jwks_urls  # one per registry URL: they fail over
         if changed:
             self.verifier.clear_cache()
 

@@ -1,6 +1,7 @@
 """The calls the runtime makes to the registry (docs/registry-api.md), with explicit timeouts.
 
 Only the background thread and on-demand token fetches use it; never a request being served.
+Several registry URLs (replicas sharing one state) are tried in turn: see :class:`RegistryClient`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import structlog
 
 from mesh_middleware import defaults
 from mesh_middleware._version import __version__
@@ -31,8 +34,11 @@ __all__ = [
     "RegistryRefused",
     "RegistryUnavailable",
     "TrustBundle",
+    "parse_registry_urls",
     "registry_verify",
 ]
+
+log = structlog.get_logger("mesh.runtime")
 
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
@@ -47,6 +53,10 @@ class RegistryError(Exception):
 
 class RegistryUnavailable(RegistryError):
     """The registry could not be reached, timed out, failed (5xx) or answered nonsense."""
+
+
+class _NotSent(RegistryUnavailable):
+    """No connection was made: the request surely reached no registry."""
 
 
 class RegistryRefused(RegistryError):
@@ -65,6 +75,12 @@ class TrustBundle:
     trust_domain: str
     issuer: str
     jwks_url: str
+    jwks_urls: tuple[str, ...] = ()
+    """Where the JWKS is, in the order to try: one per registry URL (``jwks_url`` first)."""
+
+    def __post_init__(self) -> None:
+        if not self.jwks_urls:
+            object.__setattr__(self, "jwks_urls", (self.jwks_url,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +106,52 @@ class IssuedCertificate:
     lifetime: float  # seconds from issue to expiry, as the CA counts them (no clock skew)
 
 
+def parse_registry_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """The registry URLs of ``urls``: a comma-separated string, or a sequence of URLs.
+
+    Whitespace around each URL and a trailing ``/`` are dropped, and a repeated URL is kept
+    once. Raises ``ValueError`` naming an item that is not an ``http://`` or ``https://`` URL,
+    and for a list without any URL.
+    """
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    if not any(item.strip() for item in items):
+        raise ValueError("no registry URL given")
+    parsed: list[str] = []
+    for item in items:
+        url = item.strip()
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"registry URL must start with http:// or https://, got {url!r}")
+        url = url.rstrip("/")
+        if url not in parsed:
+            parsed.append(url)
+    return tuple(parsed)
+
+
 class RegistryClient:
-    """Synchronous, thread-safe calls to one registry, authenticated by the join token."""
+    """Synchronous, thread-safe calls to the registry, authenticated by the join token.
+
+    ``base_url`` may name several replicas of one registry (a comma-separated string or a
+    sequence of URLs); they share one state, so any of them answers any call. A call goes to the
+    current URL (:attr:`base_url`); when that one is unavailable (``RegistryUnavailable``: no
+    connection, a timeout, 5xx, 408, 429, an answer too large or too slow) the call goes on at
+    once to the next, each URL at most once per call, and the URL that answers becomes the
+    current one. A refusal (4xx) is the answer of every replica alike: it is not retried.
+    Each such move is logged once, as a warning ``registry_failover``, to ``logger`` (a
+    structlog logger; by default ``mesh.runtime``'s).
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         join_token: str | None = None,
         *,
         timeout: float = defaults.REGISTRY_TIMEOUT_SECONDS,
+        logger: Any = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"registry URL must start with http:// or https://, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = parse_registry_urls(base_url)
+        """Every registry URL, in the order given."""
+        self._current = 0
+        self._log = logger if logger is not None else log
         self.join_token = join_token or None
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -117,6 +166,17 @@ class RegistryClient:
                 client._client = None
 
         os.register_at_fork(after_in_child=forget_in_child)
+
+    @property
+    def base_url(self) -> str:
+        """The registry URL in use: the next call starts there."""
+        return self.base_urls[self._current]
+
+    @property
+    def failover_order(self) -> tuple[str, ...]:
+        """Every registry URL in the order the next call tries them, the current one first."""
+        current = self._current
+        return self.base_urls[current:] + self.base_urls[:current]
 
     def _http(self) -> httpx.Client:
         with self._lock:
@@ -140,16 +200,65 @@ class RegistryClient:
             client.close()
 
     def _call(
-        self, method: str, path: str, *, body: Any = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        timeout: float | None = None,
+        idempotent: bool = True,
+    ) -> tuple[int, Any]:
+        start = self._current
+        count = len(self.base_urls)
+        tried: list[str] = []
+        first: RegistryUnavailable | None = None
+        last: RegistryUnavailable | None = None
+        for step in range(count):
+            index = (start + step) % count
+            url = self.base_urls[index]
+            tried.append(url)
+            try:
+                answer = self._call_at(url, method, path, body=body, timeout=timeout)
+            except RegistryUnavailable as exc:
+                first = first or exc
+                last = exc
+                if not idempotent and not isinstance(exc, _NotSent):
+                    break  # it may have been done: doing it again is not harmless
+                continue
+            except RegistryRefused:
+                self._answered(start, index, first)
+                raise
+            self._answered(start, index, first)
+            return answer
+        assert last is not None
+        if count == 1:
+            raise last
+        raise RegistryUnavailable(f"{last} (tried {', '.join(tried)})") from None
+
+    def _answered(self, start: int, index: int, error: RegistryUnavailable | None) -> None:
+        """Make the URL that answered the current one (once, when calls race to move it)."""
+        if index == start:
+            return
+        with self._lock:
+            if self._current != start:
+                return
+            self._current = index
+        self._log.warning(
+            "registry_failover",
+            **{"from": self.base_urls[start]},
+            to=self.base_urls[index],
+            error=str(error),
+        )
+
+    def _call_at(
+        self, url: str, method: str, path: str, *, body: Any, timeout: float | None
     ) -> tuple[int, Any]:
         limit = timeout if timeout is not None else self.timeout
         # httpx's timeouts are per operation; a registry (or proxy) that trickles its answer is
         # cut off by an overall deadline, and answers are capped in size.
         deadline = time.monotonic() + limit * 2
         try:
-            with self._http().stream(
-                method, self.base_url + path, json=body, timeout=limit
-            ) as response:
+            with self._http().stream(method, url + path, json=body, timeout=limit) as response:
                 content = bytearray()
                 for chunk in response.iter_bytes():
                     content += chunk
@@ -158,6 +267,8 @@ class RegistryClient:
                     if time.monotonic() > deadline:
                         raise RegistryUnavailable(f"{method} {path}: answer too slow")
                 status = response.status_code
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NotSent(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise RegistryUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         try:
@@ -189,12 +300,14 @@ class RegistryClient:
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise RegistryUnavailable(f"trust: invalid jwks_uri {jwks_uri!r}")
         if jwks_uri.startswith("/"):
-            jwks_url = self.base_url + jwks_uri  # keeps a path prefix (a registry behind a proxy)
+            # Every replica serves the JWKS: the one that just answered first. Each keeps its
+            # URL's path prefix (a registry behind a proxy).
+            jwks_urls = tuple(base + jwks_uri for base in self.failover_order)
         elif jwks_uri.startswith(("http://", "https://")):
-            jwks_url = jwks_uri
+            jwks_urls = (jwks_uri,)
         else:
             raise RegistryUnavailable(f"trust: jwks_uri {jwks_uri!r} is neither a path nor a URL")
-        return TrustBundle(domain, issuer, jwks_url)
+        return TrustBundle(domain, issuer, jwks_urls[0], jwks_urls)
 
     def register(self, service: str, instance: str, body: dict[str, Any]) -> None:
         """``PUT`` the instance: registers it, or renews its lease (idempotent)."""
@@ -290,10 +403,26 @@ class RegistryClient:
         """
         self._ok("POST", "/v1/telemetry/reports", body=body)
 
+    def request(self, method: str, path: str, *, body: Any = None, idempotent: bool = True) -> Any:
+        """Any other call of the registry API (the ``mesh`` command's): the JSON answer.
+
+        Raises ``RegistryUnavailable``, or ``RegistryRefused`` for any 4xx (404 included).
+        With ``idempotent=False`` (creating a join token, rotating the CA) the call goes on to
+        the next URL only when no connection could be made at all, so that an answer lost on
+        its way back never has the call done twice.
+        """
+        return self._ok(method, path, body=body, idempotent=idempotent)[1]
+
     def _ok(
-        self, method: str, path: str, *, body: Any = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        timeout: float | None = None,
+        idempotent: bool = True,
     ) -> tuple[int, Any]:
-        status, answer = self._call(method, path, body=body, timeout=timeout)
+        status, answer = self._call(method, path, body=body, timeout=timeout, idempotent=idempotent)
         if status == 404:
             raise RegistryRefused(status, _reason(answer))
         return status, answer

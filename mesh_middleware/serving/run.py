@@ -84,7 +84,11 @@ def run(options: RunOptions) -> int:
     if not registry:
         _say(f"mtls: {mode} needs certificates from a registry: set MESH_REGISTRY_URL")
         return 2
-    client = RegistryClient(registry, os.environ.get("MESH_JOIN_TOKEN") or None)
+    try:
+        client = RegistryClient(registry, os.environ.get("MESH_JOIN_TOKEN") or None)
+    except ValueError as exc:
+        _say(f"MESH_REGISTRY_URL: {exc}")
+        return 2
     manager = _certificate(client, policy.service, options.cert_wait)
     if manager is None:
         return 1
@@ -127,7 +131,7 @@ def _certificate(client: RegistryClient, service: str, wait: float) -> Certifica
         except RegistryError as exc:
             error = str(exc)
         if time.monotonic() + delay > deadline:
-            _say(f"no certificate from {client.base_url} within {wait:g}s: {error}")
+            _say(f"no certificate from {', '.join(client.base_urls)} within {wait:g}s: {error}")
             if manager is not None:
                 manager.close()
             return None
