@@ -65,6 +65,10 @@ class RegistryState:
     viewer: AdminToken
     dev: bool
     store_url: str
+    # Whether this registry runs health checks and rotations (one replica of several does).
+    leads: Callable[[], bool] = lambda: True
+    # What /healthz says about a replicated store (replica, leader, etcd endpoint, revision).
+    store_status: Callable[[], dict[str, Any]] | None = None
     # One encoded answer per (service, healthy filter): replaced when the index moves.
     rendered: dict[tuple[str, bool], tuple[float, int, bytes]] = field(default_factory=dict)
     # Rolling windows of edge reports (memory only: rebuilt from reports after a restart).
@@ -191,7 +195,7 @@ async def register(request: Request) -> Response:
         modify_index=0,
     )
     catalog = _state(request).catalog
-    instance, changed = catalog.register(record)
+    instance, changed = await catalog.register(record)
     if changed:
         log.info("instance_registered", service=service, instance=instance_id)
     return _json({"instance": instance.view(time.monotonic()), "index": catalog.index})
@@ -206,7 +210,7 @@ async def deregister(request: Request) -> Response:
         acting = _caller_service(request, dev_service=service)
         if acting != service:
             raise ApiError(403, "forbidden", f"this join token is for {acting!r}, not {service!r}")
-    if not state.catalog.deregister(service, instance_id):
+    if not await state.catalog.deregister(service, instance_id):
         raise ApiError(404, "not_found", f"no instance {instance_id!r} of {service!r}")
     return _json({"index": state.catalog.index})
 
@@ -547,6 +551,7 @@ async def healthz(request: Request) -> Response:
         "dev_mode": state.dev,
         "store": state.store_url,
         "index": state.catalog.index,
+        **({"replica": state.store_status()} if state.store_status else {}),
         "instances": state.catalog.count(),
     }
     if state.dev:

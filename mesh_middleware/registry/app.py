@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,8 +21,11 @@ from mesh_middleware.registry.dashboard import Dashboard
 from mesh_middleware.registry.health import HealthChecker
 from mesh_middleware.registry.identity import AdminToken, JoinTokens, KeyRing
 from mesh_middleware.registry.openapi import openapi_document
+from mesh_middleware.registry.replicated import ReplicatedCatalog
 from mesh_middleware.registry.settings import RegistrySettings
-from mesh_middleware.registry.store import open_store
+from mesh_middleware.registry.store import Store, open_store
+from mesh_middleware.registry.store.etcd import EtcdStore
+from mesh_middleware.registry.store.etcd_client import WatchEvent
 
 __all__ = ["create_registry_app"]
 
@@ -33,9 +36,9 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     """Open the store, load the state, and return the app (its lifespan runs maintenance)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.data_dir.chmod(0o700)  # also when it already existed: it holds the admin token
-    store = open_store(config.store)
+    store = open_store(config.store, store_key_file=config.store_key_file)
     state = RegistryState(
-        catalog=Catalog(store),
+        catalog=ReplicatedCatalog(store) if isinstance(store, EtcdStore) else Catalog(store),
         keys=KeyRing(
             store,
             trust_domain=config.trust_domain,
@@ -53,11 +56,16 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
             activate_after=config.ca_activate_after,
             supplied=_supplied_root(config),
         ),
-        admin=AdminToken(config.data_dir / "admin.token"),
-        viewer=AdminToken(config.data_dir / "viewer.token", prefix="mvt_"),
+        admin=AdminToken(config.data_dir / "admin.token", shared=_shared(store, "admin")),
+        viewer=AdminToken(
+            config.data_dir / "viewer.token", prefix="mvt_", shared=_shared(store, "viewer")
+        ),
         dev=config.dev,
         store_url=store.url,
     )
+    if isinstance(store, EtcdStore):
+        state.leads = store.leads
+        state.store_status = store.status
 
     dashboard = Dashboard(state)
     _publish_ca(state.ca, warn=True)
@@ -65,6 +73,8 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         checker = HealthChecker(state.catalog)
+        if isinstance(store, EtcdStore):
+            _follow(store, state, asyncio.get_running_loop())
         task = asyncio.create_task(_maintain(state, checker))
         try:
             yield
@@ -102,6 +112,44 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     return app
 
 
+def _shared(store: Store, name: str) -> Callable[[str], str] | None:
+    """Replicas share one admin (and viewer) token: the hash the first replica stored."""
+    if not isinstance(store, EtcdStore):
+        return None
+    return lambda proposed: store.shared_secret(name, proposed)
+
+
+def _follow(store: EtcdStore, state: RegistryState, loop: asyncio.AbstractEventLoop) -> None:
+    """Apply what other replicas change, as etcd's watch reports it, on the event loop."""
+    catalog = state.catalog
+    assert isinstance(catalog, ReplicatedCatalog)
+
+    def changed(revision: int, events: list[WatchEvent]) -> None:
+        try:
+            catalog.apply(revision, events)
+            kinds = {store.kind_of(event.kv.key) for event in events}
+            if "keys" in kinds:
+                state.keys.reload()
+            if "tokens" in kinds:
+                state.join_tokens.reload()
+            if "ca" in kinds:
+                state.ca.reload()
+                _publish_ca(state.ca, warn=False)
+        except Exception:
+            log.exception("replica_update_failed", revision=revision)
+
+    def relisted(revision: int) -> None:
+        catalog.resync(revision)
+        state.keys.reload()
+        state.join_tokens.reload()
+        state.ca.reload()
+
+    store.start(
+        lambda revision, events: loop.call_soon_threadsafe(changed, revision, events),
+        lambda revision: loop.call_soon_threadsafe(relisted, revision),
+    )
+
+
 def _supplied_root(config: RegistrySettings) -> tuple[str, str] | None:
     if config.ca_certificate is None and config.ca_key is None:
         return None
@@ -117,8 +165,10 @@ async def _maintain(state: RegistryState, checker: HealthChecker) -> None:
         await asyncio.sleep(settings.SWEEP_SECONDS)
         ticks += 1
         try:
-            state.catalog.expire()
+            await state.catalog.expire()
             state.telemetry.expire()
+            if not state.leads():
+                continue  # another replica checks health and rotates keys
             await checker.tick()
             if ticks % 20 == 0:
                 state.keys.maintain()

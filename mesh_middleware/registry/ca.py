@@ -170,6 +170,22 @@ class CertificateAuthority:
             self._add(*self._new_root(), supplied=False, activate_now=True)
             log.info("ca_root_created", root=self.signing_root_id())
 
+    def reload(self) -> None:
+        """Take the roots from the store again (another replica changed them)."""
+        roots: dict[str, _Root] = {}
+        retired: set[str] = set()
+        for record in self._store.load_ca_roots():
+            if not record.key_pem:
+                retired.add(record.root_id)
+                continue
+            known = self._roots.get(record.root_id)
+            roots[record.root_id] = known if known and known.record == record else _load(record)
+        if {r: root.record for r, root in roots.items()} != {
+            r: root.record for r, root in self._roots.items()
+        }:
+            self.index += 1
+        self._roots, self._retired = roots, retired
+
     # -- roots ---------------------------------------------------------------------------
 
     def _new_root(self) -> tuple[str, str]:

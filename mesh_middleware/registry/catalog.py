@@ -20,7 +20,7 @@ import structlog
 from mesh_middleware.registry import metrics, settings
 from mesh_middleware.registry.store import InstanceRecord, Store
 
-__all__ = ["Catalog", "Instance", "TooManyWatches"]
+__all__ = ["Catalog", "Instance", "TooManyWatches", "same_registration"]
 
 log = structlog.get_logger("mesh.registry")
 
@@ -38,6 +38,7 @@ class Instance:
     healthy: bool = True
     check_failures: int = 0
     check_successes: int = 0
+    lease: int = 0  # its etcd lease, on a replicated store
 
     def view(self, now: float) -> dict[str, Any]:
         r = self.record
@@ -119,11 +120,11 @@ class Catalog:
 
     # -- changing ------------------------------------------------------------------------
 
-    def register(self, record: InstanceRecord) -> tuple[Instance, bool]:
+    async def register(self, record: InstanceRecord) -> tuple[Instance, bool]:
         """Register or renew; return the instance and whether anything but the lease changed."""
         now = self._clock()
         existing = self.get(record.service, record.instance_id)
-        if existing is not None and _same(existing.record, record):
+        if existing is not None and same_registration(existing.record, record):
             existing.expires_at = now + record.ttl
             metrics.RENEWALS.inc()
             return existing, False
@@ -140,7 +141,9 @@ class Catalog:
         metrics.INSTANCES.set(self.count())
         return instance, True
 
-    def deregister(self, service: str, instance_id: str, *, reason: str = "deregistered") -> bool:
+    async def deregister(
+        self, service: str, instance_id: str, *, reason: str = "deregistered"
+    ) -> bool:
         group = self._instances.get(service, {})
         if instance_id not in group:
             return False
@@ -155,7 +158,7 @@ class Catalog:
         log.info("instance_removed", service=service, instance=instance_id, reason=reason)
         return True
 
-    def set_health(self, service: str, instance_id: str, healthy: bool) -> None:
+    async def set_health(self, service: str, instance_id: str, healthy: bool) -> None:
         instance = self.get(service, instance_id)
         if instance is None or instance.healthy == healthy:
             return
@@ -165,7 +168,7 @@ class Catalog:
         self._changed(service)
         log.info("instance_health", service=service, instance=instance_id, healthy=healthy)
 
-    def expire(self) -> int:
+    async def expire(self) -> int:
         """Remove every instance whose lease ran out; return how many."""
         now = self._clock()
         expired = [
@@ -175,7 +178,7 @@ class Catalog:
             if i.expires_at <= now
         ]
         for service, instance_id in expired:
-            self.deregister(service, instance_id, reason="lease expired")
+            await self.deregister(service, instance_id, reason="lease expired")
             metrics.EXPIRIES.inc()
         return len(expired)
 
@@ -217,7 +220,8 @@ class Catalog:
                     del self._watchers[service]
 
 
-def _same(a: InstanceRecord, b: InstanceRecord) -> bool:
+def same_registration(a: InstanceRecord, b: InstanceRecord) -> bool:
+    """Whether ``b`` registers what ``a`` holds (a renewal), leases and indexes aside."""
     return (
         a.address == b.address
         and a.port == b.port

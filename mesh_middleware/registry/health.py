@@ -74,14 +74,14 @@ class HealthChecker:
             if not current.healthy and current.check_successes >= int(
                 check.get("successes_before_healthy", 1)
             ):
-                self._catalog.set_health(record.service, record.instance_id, True)
+                await self._catalog.set_health(record.service, record.instance_id, True)
         else:
             current.check_successes = 0
             current.check_failures += 1
             if current.healthy and current.check_failures >= int(
                 check.get("failures_before_unhealthy", 3)
             ):
-                self._catalog.set_health(record.service, record.instance_id, False)
+                await self._catalog.set_health(record.service, record.instance_id, False)
 
     async def close(self) -> None:
         for task in list(self._running):

@@ -70,6 +70,12 @@ class KeyRing:
         self._keys[kid] = record
         return record
 
+    def reload(self) -> None:
+        """Take the keys from the store again (another replica changed them)."""
+        self._keys = {record.kid: record for record in self._store.load_keys()}
+        for kid in set(self._issuers) - set(self._keys):
+            del self._issuers[kid]
+
     def signing_key(self) -> KeyRecord:
         """The newest key whose signing has begun."""
         now = self._clock()
@@ -141,6 +147,10 @@ class JoinTokens:
         self._clock = clock
         self._tokens = {record.token_id: record for record in store.load_join_tokens()}
 
+    def reload(self) -> None:
+        """Take the tokens from the store again (another replica changed them)."""
+        self._tokens = {record.token_id: record for record in self._store.load_join_tokens()}
+
     def create(self, service: str) -> tuple[str, JoinTokenRecord]:
         """A new join token for ``service``: the token (shown once) and what is stored."""
         token_id = secrets.token_hex(6)
@@ -180,20 +190,39 @@ class AdminToken:
     viewer token (``viewer.token``, prefix ``mvt_``) opens the dashboard and nothing else.
     """
 
-    def __init__(self, path: Path, prefix: str = "mat_") -> None:
+    def __init__(
+        self,
+        path: Path,
+        prefix: str = "mat_",
+        *,
+        shared: Callable[[str], str] | None = None,
+    ) -> None:
         self.path = path
         self.created = False
+        self.token_shown_once: str | None = None
         if path.exists():
             self._hash = hash_secret(path.read_text().strip())
-            return
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token = prefix + secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-        self._hash = hash_secret(token)
-        self.created = True
-        self.token_shown_once: str | None = token
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            token = prefix + secrets.token_urlsafe(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token + "\n")
+            self._hash = hash_secret(token)
+            self.created = True
+            self.token_shown_once = token
+        if shared is not None:
+            # Replicas share one token: the first replica's. A replica that came later holds
+            # no copy of it (its own file is removed, or left aside if it was there before).
+            in_force = shared(self._hash)
+            if in_force != self._hash:
+                if self.created:
+                    path.unlink()
+                else:
+                    log.warning("registry_token_file_stale", path=str(path))
+                self.created = False
+                self.token_shown_once = None
+                self._hash = in_force
 
     def matches(self, presented: str) -> bool:
         return hmac.compare_digest(self._hash, hash_secret(presented))

@@ -48,6 +48,7 @@ class RegistrySettings:
     port: int = DEFAULT_PORT
     data_dir: Path = field(default_factory=default_data_dir)
     store_url: str | None = None
+    store_key_file: Path | None = None  # wraps private keys in an etcd store ($MESH_STORE_KEY)
     dev: bool = False
     trust_domain: str = defaults.DEFAULT_TRUST_DOMAIN
     token_lifetime: int = defaults.TOKEN_LIFETIME_SECONDS

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import itertools
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -221,3 +224,28 @@ class HealthServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def etcd_store(cluster_hosts: str, directory: Path) -> list[str]:
+    """`mesh registry` arguments for a store of its own on the test run's etcd cluster: a fresh
+    prefix, and a store key file (0600) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file = directory / "store.key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+        key_file.chmod(0o600)
+    prefix = f"mesh-test-{secrets.token_hex(6)}"
+    return ["--store", f"etcd://{cluster_hosts}/{prefix}", "--store-key-file", str(key_file)]
+
+
+@contextmanager
+def start_replicas(
+    directory: Path, store: Sequence[str], *, count: int = 3, extra: Sequence[str] = ()
+) -> Iterator[list[Registry]]:
+    """``count`` registry processes on one etcd store, started one after the other."""
+    with contextlib.ExitStack() as stack:
+        replicas = [
+            stack.enter_context(start_registry(directory / f"replica-{n}", extra=[*store, *extra]))
+            for n in range(count)
+        ]
+        yield replicas

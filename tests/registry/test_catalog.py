@@ -60,7 +60,7 @@ def test_first_registration_moves_the_index_and_is_stored(
     catalog: Catalog, store: SQLiteStore
 ) -> None:
     """A new instance is a change: index 1, stored with that index before the call returns."""
-    instance, changed = catalog.register(_record())
+    instance, changed = asyncio.run(catalog.register(_record()))
     assert changed
     assert catalog.index == 1
     assert catalog.service_index("orders") == 1
@@ -73,9 +73,9 @@ def test_renewal_of_an_unchanged_body_only_extends_the_lease(
     catalog: Catalog, clock: FakeClock
 ) -> None:
     """Re-registering the same data renews the lease and leaves the index where it was."""
-    catalog.register(_record())
+    asyncio.run(catalog.register(_record()))
     clock.advance(8)
-    instance, changed = catalog.register(_record())
+    instance, changed = asyncio.run(catalog.register(_record()))
     assert not changed
     assert catalog.index == 1
     assert instance.expires_at == clock.now + 10.0
@@ -99,8 +99,8 @@ def test_a_changed_body_moves_the_index(
     catalog: Catalog, store: SQLiteStore, change: dict[str, Any]
 ) -> None:
     """Any change but the lease is a new index, stored."""
-    catalog.register(_record())
-    instance, changed = catalog.register(_record(**change))
+    asyncio.run(catalog.register(_record()))
+    instance, changed = asyncio.run(catalog.register(_record(**change)))
     assert changed
     assert catalog.index == 2
     assert instance.record.modify_index == 2
@@ -110,11 +110,11 @@ def test_a_changed_body_moves_the_index(
 
 def test_lease_expires_after_ttl(catalog: Catalog, clock: FakeClock, store: SQLiteStore) -> None:
     """An instance not renewed within its TTL is removed by the sweep, which moves the index."""
-    catalog.register(_record(ttl=5.0))
+    asyncio.run(catalog.register(_record(ttl=5.0)))
     clock.advance(4.9)
-    assert catalog.expire() == 0
+    assert asyncio.run(catalog.expire()) == 0
     clock.advance(0.2)
-    assert catalog.expire() == 1
+    assert asyncio.run(catalog.expire()) == 1
     assert catalog.instances("orders") == []
     assert catalog.services() == []
     assert catalog.index == 2
@@ -125,22 +125,22 @@ def test_lease_expires_after_ttl(catalog: Catalog, clock: FakeClock, store: SQLi
 
 def test_renewing_keeps_an_instance_past_its_first_ttl(catalog: Catalog, clock: FakeClock) -> None:
     """Renewing before the lease ends keeps the instance for another TTL."""
-    catalog.register(_record(ttl=5.0))
+    asyncio.run(catalog.register(_record(ttl=5.0)))
     for _ in range(4):
         clock.advance(4.0)
-        catalog.register(_record(ttl=5.0))
-        assert catalog.expire() == 0
+        asyncio.run(catalog.register(_record(ttl=5.0)))
+        assert asyncio.run(catalog.expire()) == 0
     assert len(catalog.instances("orders")) == 1
     assert catalog.index == 1
 
 
 def test_deregister(catalog: Catalog, store: SQLiteStore) -> None:
     """Deregistering removes the instance, moves the index, and is stored; unknown is False."""
-    catalog.register(_record("a"))
-    catalog.register(_record("b"))
-    assert catalog.deregister("orders", "a")
-    assert not catalog.deregister("orders", "a")
-    assert not catalog.deregister("nope", "a")
+    asyncio.run(catalog.register(_record("a")))
+    asyncio.run(catalog.register(_record("b")))
+    assert asyncio.run(catalog.deregister("orders", "a"))
+    assert not asyncio.run(catalog.deregister("orders", "a"))
+    assert not asyncio.run(catalog.deregister("nope", "a"))
     assert catalog.index == 3
     assert [i["id"] for i in catalog.instances("orders")] == ["b"]
     assert [r.instance_id for r in store.load_instances()] == ["b"]
@@ -148,10 +148,10 @@ def test_deregister(catalog: Catalog, store: SQLiteStore) -> None:
 
 def test_services_count_instances_and_healthy(catalog: Catalog) -> None:
     """The service list says how many instances each service has, and how many are healthy."""
-    catalog.register(_record("a"))
-    catalog.register(_record("b"))
-    catalog.register(_record("c", service="inventory"))
-    catalog.set_health("orders", "b", False)
+    asyncio.run(catalog.register(_record("a")))
+    asyncio.run(catalog.register(_record("b")))
+    asyncio.run(catalog.register(_record("c", service="inventory")))
+    asyncio.run(catalog.set_health("orders", "b", False))
     assert catalog.services() == [
         {"name": "inventory", "instances": 1, "healthy": 1},
         {"name": "orders", "instances": 2, "healthy": 1},
@@ -160,31 +160,31 @@ def test_services_count_instances_and_healthy(catalog: Catalog) -> None:
 
 def test_healthy_filter(catalog: Catalog) -> None:
     """`healthy_only` leaves out unhealthy instances."""
-    catalog.register(_record("a"))
-    catalog.register(_record("b"))
-    catalog.set_health("orders", "a", False)
+    asyncio.run(catalog.register(_record("a")))
+    asyncio.run(catalog.register(_record("b")))
+    asyncio.run(catalog.set_health("orders", "a", False))
     assert [i["id"] for i in catalog.instances("orders", healthy_only=True)] == ["b"]
     assert [i["healthy"] for i in catalog.instances("orders")] == [False, True]
 
 
 def test_health_flip_moves_the_index_once(catalog: Catalog) -> None:
     """A health change moves the service's index; setting the same health again does not."""
-    catalog.register(_record())
-    catalog.set_health("orders", "i-1", False)
+    asyncio.run(catalog.register(_record()))
+    asyncio.run(catalog.set_health("orders", "i-1", False))
     assert catalog.service_index("orders") == 2
-    catalog.set_health("orders", "i-1", False)
+    asyncio.run(catalog.set_health("orders", "i-1", False))
     assert catalog.index == 2
 
 
 def test_renewal_keeps_health_but_a_new_check_resets_it(catalog: Catalog) -> None:
     """Renewing (same check) keeps the instance unhealthy; a different check starts healthy."""
     check = {"http": "/h", "interval": 5.0}
-    catalog.register(_record(check=check))
-    catalog.set_health("orders", "i-1", False)
-    catalog.register(_record(check=check))
-    catalog.register(_record(check=check, port=9))
+    asyncio.run(catalog.register(_record(check=check)))
+    asyncio.run(catalog.set_health("orders", "i-1", False))
+    asyncio.run(catalog.register(_record(check=check)))
+    asyncio.run(catalog.register(_record(check=check, port=9)))
     assert catalog.instances("orders")[0]["healthy"] is False
-    catalog.register(_record(check={"http": "/other", "interval": 5.0}, port=9))
+    asyncio.run(catalog.register(_record(check={"http": "/other", "interval": 5.0}, port=9)))
     assert catalog.instances("orders")[0]["healthy"] is True
 
 
@@ -197,10 +197,10 @@ def test_unknown_service_is_an_empty_list(catalog: Catalog) -> None:
 def test_a_new_catalog_loads_what_was_acknowledged(store: SQLiteStore, clock: FakeClock) -> None:
     """A catalog on the same store has every instance, the index, and fresh leases."""
     first = Catalog(store, clock=clock)
-    first.register(_record("a", ttl=5.0))
-    first.register(_record("b", service="inventory", ttl=30.0))
-    first.deregister("inventory", "b")
-    first.register(_record("c", service="inventory", ttl=30.0))
+    asyncio.run(first.register(_record("a", ttl=5.0)))
+    asyncio.run(first.register(_record("b", service="inventory", ttl=30.0)))
+    asyncio.run(first.deregister("inventory", "b"))
+    asyncio.run(first.register(_record("c", service="inventory", ttl=30.0)))
     clock.advance(4.0)
     second = Catalog(store, clock=clock)
     assert second.index == first.index == 4
@@ -218,8 +218,8 @@ def test_reloading_never_moves_the_index_backwards(store: SQLiteStore, clock: Fa
     handed out twice and a watcher holding the higher one misses changes.
     """
     first = Catalog(store, clock=clock)
-    first.register(_record())
-    first.set_health("orders", "i-1", False)
+    asyncio.run(first.register(_record()))
+    asyncio.run(first.set_health("orders", "i-1", False))
     answered = first.index
     second = Catalog(store, clock=clock)
     assert second.index >= answered
@@ -236,26 +236,26 @@ def _watch(catalog: Catalog, service: str, after: int, wait: float) -> float:
 
 def test_watch_returns_at_once_when_the_index_already_moved(catalog: Catalog) -> None:
     """A watch with an index behind the service's answers without waiting."""
-    catalog.register(_record())
+    asyncio.run(catalog.register(_record()))
     assert _watch(catalog, "orders", 0, 5.0) < 0.1
 
 
 def test_watch_with_an_index_from_another_history_returns_at_once(catalog: Catalog) -> None:
     """An index greater than the catalog's (it went backwards) answers at once."""
-    catalog.register(_record())
+    asyncio.run(catalog.register(_record()))
     assert _watch(catalog, "orders", 1000, 5.0) < 0.1
 
 
 def test_idle_watch_waits_for_wait_plus_at_most_a_sixteenth(catalog: Catalog) -> None:
     """Without changes a watch returns after `wait`, plus jitter of at most wait/16."""
-    catalog.register(_record())
+    asyncio.run(catalog.register(_record()))
     took = _watch(catalog, "orders", 1, 0.4)
     assert 0.4 <= took <= 0.4 + 0.4 / 16 + 0.05
 
 
 def test_zero_wait_answers_at_once(catalog: Catalog) -> None:
     """`wait=0` never blocks."""
-    catalog.register(_record())
+    asyncio.run(catalog.register(_record()))
     assert _watch(catalog, "orders", 1, 0.0) < 0.05
 
 
@@ -263,16 +263,16 @@ def test_change_wakes_watchers_of_that_service_only(catalog: Catalog) -> None:
     """A change of the watched service wakes its watchers; another service's does not."""
 
     async def run() -> tuple[float, float, int]:
-        catalog.register(_record())
+        await catalog.register(_record())
         start = time.monotonic()
         watched = asyncio.create_task(catalog.wait_for_change("orders", 1, 5.0))
         other = asyncio.create_task(catalog.wait_for_change("inventory", 0, 0.6))
         await asyncio.sleep(0.1)
-        catalog.register(_record("x", service="inventory"))  # wakes `other` only
-        catalog.register(_record("x", service="payments"))
+        await catalog.register(_record("x", service="inventory"))  # wakes `other` only
+        await catalog.register(_record("x", service="payments"))
         await asyncio.sleep(0.1)
         assert not watched.done()
-        catalog.register(_record("i-2"))
+        await catalog.register(_record("i-2"))
         await watched
         woke = time.monotonic() - start
         await other
@@ -291,7 +291,7 @@ def test_many_watchers_of_one_service_all_wake(catalog: Catalog) -> None:
         start = time.monotonic()
         tasks = [asyncio.create_task(catalog.wait_for_change("orders", 0, 5.0)) for _ in range(200)]
         await asyncio.sleep(0.05)
-        catalog.register(_record())
+        await catalog.register(_record())
         await asyncio.gather(*tasks)
         return time.monotonic() - start
 

@@ -92,7 +92,7 @@ def test_a_slow_check_is_not_started_again_while_in_flight(tmp_path: Path) -> No
     store = SQLiteStore(tmp_path / "registry.db")
     try:
         catalog = Catalog(store)
-        catalog.register(
+        register = catalog.register(
             InstanceRecord(
                 "slow",
                 "i-1",
@@ -112,6 +112,7 @@ def test_a_slow_check_is_not_started_again_while_in_flight(tmp_path: Path) -> No
                 0,
             )
         )
+        asyncio.run(register)
 
         async def main() -> int:
             checker = HealthChecker(catalog)

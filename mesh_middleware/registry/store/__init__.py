@@ -1,4 +1,5 @@
-"""Where the registry keeps what it acknowledged: an interface and its SQLite implementation."""
+"""Where the registry keeps what it acknowledged: an interface, an embedded SQLite
+implementation, and a replicated one on etcd (``store.etcd``, imported when a URL names it)."""
 
 from mesh_middleware.registry.store.base import (
     CARootRecord,
@@ -7,7 +8,8 @@ from mesh_middleware.registry.store.base import (
     KeyRecord,
     Store,
 )
-from mesh_middleware.registry.store.sqlite import SQLiteStore, open_store
+from mesh_middleware.registry.store.opening import open_store
+from mesh_middleware.registry.store.sqlite import SQLiteStore
 
 __all__ = [
     "CARootRecord",

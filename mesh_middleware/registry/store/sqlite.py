@@ -20,7 +20,7 @@ from mesh_middleware.registry.store.base import (
     KeyRecord,
 )
 
-__all__ = ["SQLiteStore", "open_store"]
+__all__ = ["SQLiteStore", "open_sqlite_store"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS ca_roots (
 """
 
 
-def open_store(url: str) -> SQLiteStore:
+def open_sqlite_store(url: str) -> SQLiteStore:
     """Open the store a URL names (``sqlite:///absolute/path.db``)."""
     parts = urlsplit(url)
     if parts.scheme != "sqlite":

@@ -1,0 +1,171 @@
+"""The catalog of a registry replica: etcd holds the truth, the watch keeps memory in step.
+
+Every replica applies the same etcd events in revision order, so the index (the etcd revision)
+and each service's index mean the same on every replica: a client may long-poll on one replica
+with an index it got from another. A change made here is written to etcd and acknowledged once
+this replica's watch has applied it (read-your-writes), never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+
+from mesh_middleware.registry import metrics
+from mesh_middleware.registry.catalog import Catalog, Instance, same_registration
+from mesh_middleware.registry.store.base import InstanceRecord
+from mesh_middleware.registry.store.etcd import EtcdStore, StoredInstance
+from mesh_middleware.registry.store.etcd_client import WatchEvent
+
+__all__ = ["ReplicatedCatalog"]
+
+log = structlog.get_logger("mesh.registry")
+
+# How long an acknowledgement waits for the watch to bring back a write (it is durable in
+# etcd already; past this the answer goes out without it).
+CATCH_UP_SECONDS = 5.0
+LEASE_LOOKUPS_PER_SWEEP = 20
+
+
+class ReplicatedCatalog(Catalog):
+    """A catalog whose changes go through etcd and come back through its watch."""
+
+    def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(store, clock=clock)
+        self._etcd = store
+        self._applied: asyncio.Event | None = None
+        for stored in store.stored_instances():
+            instance = self.get(stored.record.service, stored.record.instance_id)
+            if instance is not None:
+                instance.healthy, instance.lease = stored.healthy, stored.lease
+
+    # -- changes, through etcd -----------------------------------------------------------
+
+    async def register(self, record: InstanceRecord) -> tuple[Instance, bool]:
+        existing = self.get(record.service, record.instance_id)
+        # A renewal is a keepalive of the instance's lease, from whichever replica.
+        if (
+            existing is not None
+            and existing.lease
+            and same_registration(existing.record, record)
+            and await asyncio.to_thread(self._etcd.renew, existing.lease)
+        ):
+            existing.expires_at = self._clock() + record.ttl
+            metrics.RENEWALS.inc()
+            return existing, False
+        healthy = existing.healthy if existing and existing.record.check == record.check else True
+        revision = await asyncio.to_thread(self._etcd.register, record, healthy)
+        await self._caught_up(revision)
+        metrics.REGISTRATIONS.inc()
+        instance = self.get(record.service, record.instance_id)
+        if instance is None or instance.record.modify_index < revision:
+            # The watch is late (or the instance is gone again): answer with what was written.
+            instance = Instance(record, self._clock() + record.ttl, healthy)
+        return instance, True
+
+    async def deregister(
+        self, service: str, instance_id: str, *, reason: str = "deregistered"
+    ) -> bool:
+        existing = self.get(service, instance_id)
+        if existing is None:
+            return False
+        revision = await asyncio.to_thread(
+            self._etcd.deregister, service, instance_id, existing.lease
+        )
+        await self._caught_up(revision)
+        log.info("instance_deregistered", service=service, instance=instance_id, reason=reason)
+        return True
+
+    async def set_health(self, service: str, instance_id: str, healthy: bool) -> None:
+        instance = self.get(service, instance_id)
+        if instance is None or instance.healthy == healthy:
+            return
+        stored = StoredInstance(instance.record, instance.healthy, instance.lease)
+        revision = await asyncio.to_thread(self._etcd.set_health, stored, healthy)
+        if revision is None:
+            return  # changed meanwhile (another replica, a re-registration): check again later
+        await self._caught_up(revision)
+        log.info("instance_health", service=service, instance=instance_id, healthy=healthy)
+
+    async def expire(self) -> int:
+        """Expire nothing (etcd ends leases, and the watch brings the deletions), but learn how
+        long the leases renewed through other replicas have left, so that ``expires_in`` stays
+        true here too: a few of those whose time here ran out, per sweep."""
+        now = self._clock()
+        due = [i for i in self.all_instances() if i.lease and i.expires_at <= now]
+        for instance in due[:LEASE_LOOKUPS_PER_SWEEP]:
+            try:
+                left = await asyncio.to_thread(self._etcd.time_left, instance.lease)
+            except OSError:
+                return 0  # etcd is away: try again next sweep
+            # Gone leases stay until the watch brings their deletion.
+            instance.expires_at = self._clock() + left
+        return 0
+
+    async def _caught_up(self, revision: int) -> None:
+        deadline = self._clock() + CATCH_UP_SECONDS
+        while self.index < revision:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                log.warning("etcd_watch_behind", revision=revision, applied=self.index)
+                return
+            if self._applied is None:
+                self._applied = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), remaining)
+
+    # -- the watch -----------------------------------------------------------------------
+
+    def apply(self, revision: int, events: list[WatchEvent]) -> None:
+        """Apply watched events (on the event loop, in revision order)."""
+        now = self._clock()
+        for event in events:
+            if self._etcd.kind_of(event.kv.key) != "instances":
+                continue
+            service, instance_id, stored = self._etcd.instance_event(event)
+            self.index = max(self.index, event.kv.mod_revision)
+            group = self._instances.get(service, {})
+            if stored is None:
+                if group.pop(instance_id, None) is not None:
+                    if not group:
+                        self._instances.pop(service, None)
+                    log.info("instance_removed", service=service, instance=instance_id)
+            else:
+                previous = group.get(instance_id)
+                instance = Instance(stored.record, now + stored.record.ttl, stored.healthy)
+                instance.lease = stored.lease
+                if previous is not None and previous.lease == stored.lease:
+                    instance.expires_at = previous.expires_at
+                self._instances.setdefault(service, {})[instance_id] = instance
+            self._changed(service)
+        self.index = max(self.index, revision)
+        metrics.INDEX.set(self.index)
+        metrics.INSTANCES.set(self.count())
+        self._wake()
+
+    def resync(self, revision: int) -> None:
+        """After a re-list (the watch's history was compacted): rebuild from the store."""
+        now = self._clock()
+        self._instances = {}
+        for stored in self._etcd.stored_instances():
+            instance = Instance(stored.record, now + stored.record.ttl, stored.healthy)
+            instance.lease = stored.lease
+            self._instances.setdefault(stored.record.service, {})[stored.record.instance_id] = (
+                instance
+            )
+        self.index = max(self.index, revision)
+        # Anything may have changed: every watcher re-reads.
+        self._floor = self.index
+        for service in list(self._watchers):
+            self._changed(service)
+        metrics.INSTANCES.set(self.count())
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._applied is not None:
+            self._applied.set()
+            self._applied = None

@@ -1,0 +1,173 @@
+"""Three `mesh registry` processes on one etcd store: one catalog, one issuer, one admin token."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.registry.support import (
+    Registry,
+    bearer,
+    create_join_token,
+    etcd_store,
+    instance_ids,
+    register,
+    start_registry,
+    start_replicas,
+    verify,
+    wait_until,
+)
+from tests.support.etcd_cluster import Cluster, cluster_from_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Cluster:
+    return cluster_from_env()
+
+
+@pytest.fixture
+def store(cluster: Cluster, tmp_path: Path) -> list[str]:
+    return etcd_store(cluster.store_hosts, tmp_path / "store")
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, store: list[str]) -> Iterator[list[Registry]]:
+    with start_replicas(tmp_path, store) as running:
+        yield running
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10.0) as http:
+        yield http
+
+
+def test_an_instance_registered_through_one_replica_is_listed_by_the_others(
+    replicas: list[Registry], client: httpx.Client
+) -> None:
+    a, b, c = replicas
+    # The first replica's admin token works on every replica: B makes the join token.
+    b.data_dir = a.data_dir  # (B keeps no copy of the token file)
+    token = create_join_token(client, b, "orders")
+    answer = register(client, a, "orders", "i-1", token, port=8001)
+    assert answer.status_code == 200, answer.text
+    index = answer.json()["index"]
+    for replica in (b, c):
+        wait_until(lambda r=replica: instance_ids(client, r, "orders") == {"i-1"}, 1.0)  # type: ignore[misc]
+        listed = client.get(f"{replica.url}/v1/catalog/services/orders").json()
+        assert listed["index"] == index  # one index on every replica: the etcd revision
+    # Deregistered through C: gone everywhere.
+    gone = client.delete(f"{c.url}/v1/catalog/services/orders/instances/i-1", headers=bearer(token))
+    assert gone.status_code == 200, gone.text
+    for replica in (a, b):
+        wait_until(lambda r=replica: instance_ids(client, r, "orders") == set(), 1.0)  # type: ignore[misc]
+
+
+def test_a_watch_on_one_replica_wakes_within_a_second_of_a_change_through_another(
+    replicas: list[Registry], client: httpx.Client
+) -> None:
+    a, _, c = replicas
+    token = create_join_token(client, a, "orders")
+    index = register(client, a, "orders", "i-1", token).json()["index"]
+    answered: dict[str, float | int] = {}
+
+    def watch() -> None:
+        start = time.monotonic()
+        with httpx.Client(timeout=30.0) as http:
+            response = http.get(f"{c.url}/v1/catalog/services/orders?index={index}&wait=20s")
+        answered["seconds"] = time.monotonic() - start
+        answered["index"] = response.json()["index"]
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    time.sleep(0.5)  # the watch is waiting on C
+    changed = register(client, a, "orders", "i-2", token).json()["index"]
+    thread.join(timeout=25)
+    woke_after = answered["seconds"] - 0.5
+    print(f"\nwatch on C woke {woke_after * 1000:.0f} ms after the change through A")
+    assert answered["index"] == changed
+    assert woke_after < 1.0
+
+
+def test_tokens_from_any_replica_verify_with_the_keys_of_any_other(
+    replicas: list[Registry], client: httpx.Client
+) -> None:
+    a, b, c = replicas
+    token = create_join_token(client, a, "orders")
+    for issuing in replicas:
+        minted = client.post(
+            f"{issuing.url}/v1/identity/token",
+            json={"audience": "inventory"},
+            headers=bearer(token),
+        )
+        assert minted.status_code == 200, minted.text
+        for verifying in (a, b, c):
+            jwks = client.get(f"{verifying.url}/v1/identity/jwks").json()
+            assert verify(minted.json()["token"], jwks, "inventory").service == "orders"
+    # A key rotation through B reaches A and C (new key published everywhere).
+    rotated = client.post(f"{b.url}/v1/admin/keys/rotate", headers=a.admin())
+    assert rotated.status_code == 200, rotated.text
+    kids = {k["kid"] for k in client.get(f"{b.url}/v1/identity/jwks").json()["keys"]}
+    for replica in (a, c):
+        wait_until(
+            lambda r=replica: (
+                {  # type: ignore[misc]
+                    k["kid"] for k in client.get(f"{r.url}/v1/identity/jwks").json()["keys"]
+                }
+                == kids
+            ),
+            1.0,
+        )
+
+
+def test_one_replica_leads_and_another_takes_over_when_it_dies(
+    replicas: list[Registry], client: httpx.Client
+) -> None:
+    def leaders() -> list[Registry]:
+        out = []
+        for replica in replicas:
+            try:
+                status = client.get(f"{replica.url}/healthz", timeout=1.0).json()
+            except httpx.HTTPError:
+                continue
+            if status["replica"]["leader"]:
+                out.append(replica)
+        return out
+
+    wait_until(lambda: len(leaders()) == 1, 10.0)
+    [leader] = leaders()
+    leader.kill()
+    took = wait_until(lambda: len(leaders()) == 1, 15.0)
+    print(f"\nanother replica leads {took:.1f} s after kill -9 of the leader")
+    assert leaders()[0] is not leader
+
+
+def test_a_restarted_replica_catches_up(
+    tmp_path: Path, store: list[str], client: httpx.Client
+) -> None:
+    with start_replicas(tmp_path, store, count=2) as (a, b):
+        token = create_join_token(client, a, "orders")
+        register(client, a, "orders", "i-1", token, ttl="60s")
+        b.kill()
+        register(client, a, "orders", "i-2", token, ttl="60s")
+        register(client, a, "orders", "i-3", token, ttl="60s")
+        with start_registry(b.data_dir, port=b.port, extra=store) as again:
+            assert instance_ids(client, again, "orders") == {"i-1", "i-2", "i-3"}
+            mine = client.get(f"{again.url}/v1/catalog/services/orders").json()["index"]
+            assert mine == client.get(f"{a.url}/v1/catalog/services/orders").json()["index"]
+
+
+def test_a_replica_without_the_store_key_refuses_to_start(tmp_path: Path, store: list[str]) -> None:
+    without_key = store[:2]
+    with (
+        pytest.raises(RuntimeError, match="MESH_STORE_KEY"),
+        start_registry(tmp_path / "keyless", extra=without_key),
+    ):
+        pass
