@@ -69,6 +69,8 @@ class RegistryState:
     leads: Callable[[], bool] = lambda: True
     # What /healthz says about a replicated store (replica, leader, etcd endpoint, revision).
     store_status: Callable[[], dict[str, Any]] | None = None
+    # Hands a report this replica took to the other replicas (they merge it too).
+    share_report: Callable[[dict[str, Any]], None] | None = None
     # One encoded answer per (service, healthy filter): replaced when the index moves.
     rendered: dict[tuple[str, bool], tuple[float, int, bytes]] = field(default_factory=dict)
     # Rolling windows of edge reports (memory only: rebuilt from reports after a restart).
@@ -481,6 +483,11 @@ async def telemetry_report(request: Request) -> Response:
         telemetry.REPORTS.labels("rejected").inc()
         raise
     merged = state.telemetry.merge(report)
+    if state.share_report is not None and not merged.stale:
+        try:
+            await asyncio.to_thread(state.share_report, raw)
+        except OSError as exc:  # best effort: this replica has it; the others miss this one
+            log.warning("telemetry_report_not_shared", error=str(exc))
     return _json(
         {"accepted": merged.accepted, "dropped": merged.dropped, "stale": merged.stale},
         status=202,

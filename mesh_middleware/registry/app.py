@@ -25,7 +25,8 @@ from mesh_middleware.registry.replicated import ReplicatedCatalog
 from mesh_middleware.registry.settings import RegistrySettings
 from mesh_middleware.registry.store import Store, open_store
 from mesh_middleware.registry.store.etcd import EtcdStore
-from mesh_middleware.registry.store.etcd_client import WatchEvent
+from mesh_middleware.registry.store.etcd_client import KeyValue, WatchEvent
+from mesh_middleware.registry.telemetry import TelemetryReport
 
 __all__ = ["create_registry_app"]
 
@@ -66,6 +67,9 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
     if isinstance(store, EtcdStore):
         state.leads = store.leads
         state.store_status = store.status
+        state.share_report = store.share_report
+        for kv in store.take_initial_reports():
+            _merge_shared(store, state, kv)
 
     dashboard = Dashboard(state)
     _publish_ca(state.ca, warn=True)
@@ -128,6 +132,10 @@ def _follow(store: EtcdStore, state: RegistryState, loop: asyncio.AbstractEventL
         try:
             catalog.apply(revision, events)
             kinds = {store.kind_of(event.kv.key) for event in events}
+            if "telemetry" in kinds:
+                for event in events:
+                    if not event.deleted and store.kind_of(event.kv.key) == "telemetry":
+                        _merge_shared(store, state, event.kv)
             if "keys" in kinds:
                 state.keys.reload()
             if "tokens" in kinds:
@@ -148,6 +156,20 @@ def _follow(store: EtcdStore, state: RegistryState, loop: asyncio.AbstractEventL
         lambda revision, events: loop.call_soon_threadsafe(changed, revision, events),
         lambda revision: loop.call_soon_threadsafe(relisted, revision),
     )
+
+
+def _merge_shared(store: EtcdStore, state: RegistryState, kv: KeyValue) -> None:
+    """Merge an edge report another replica took (one telemetry view on every replica)."""
+    shared = store.shared_report(kv)
+    if shared is None:
+        return
+    body, since = shared
+    try:
+        report = TelemetryReport.model_validate({**body, "age": float(body.get("age", 0)) + since})
+    except ValueError:
+        log.warning("telemetry_report_unreadable", key=kv.key)
+        return
+    state.telemetry.merge(report)
 
 
 def _supplied_root(config: RegistrySettings) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from tests.registry.support import (
     verify,
     wait_until,
 )
+from tests.registry.test_telemetry import many, report
 from tests.support.etcd_cluster import Cluster, cluster_from_env
 
 pytestmark = pytest.mark.slow
@@ -171,3 +172,25 @@ def test_a_replica_without_the_store_key_refuses_to_start(tmp_path: Path, store:
         start_registry(tmp_path / "keyless", extra=without_key),
     ):
         pass
+
+
+def test_every_replica_shows_the_edge_reports_any_replica_took(
+    tmp_path: Path, store: list[str], client: httpx.Client
+) -> None:
+    """One telemetry view: a report posted to A shows on B at once, and on a replica started
+    later (it merges what etcd still holds)."""
+    with start_replicas(tmp_path, store, count=2) as (a, b):
+        token = create_join_token(client, a, "orders")
+        body = report("orders", many("orders", "inventory", 40))
+        posted = client.post(f"{a.url}/v1/telemetry/reports", json=body, headers=bearer(token))
+        assert posted.status_code == 202, posted.text
+
+        def requests_on(replica: Registry) -> int:
+            answer = client.get(f"{replica.url}/v1/telemetry/topology?window=60s").json()
+            edges = [e for e in answer["edges"] if e["source"] == "orders"]
+            return int(edges[0]["requests"]) if edges else 0
+
+        wait_until(lambda: requests_on(b) == 40, 1.0)
+        assert requests_on(a) == 40  # merged once on A, not again from its own share
+        with start_registry(tmp_path / "late", extra=store) as late:
+            assert requests_on(late) == 40

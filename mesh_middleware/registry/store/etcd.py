@@ -11,6 +11,8 @@ Layout under the prefix (``/mesh/`` unless the URL names another):
 - ``secrets/<name>``: the admin and viewer tokens' hashes, created once by whichever replica
   came first (compare-and-swap), so that one admin token works on every replica.
 - ``leader``: the replica that runs health checks and key rotation, under its session lease.
+- ``telemetry/<replica>/<n>``: each edge report a replica took, for the other replicas to
+  merge too (one telemetry view), under a lease that ends with the registry's retention.
 
 The store mirrors the prefix in memory (one range at start, then a watch), so that reads never
 wait on etcd. The etcd revision is the catalog's change index on every replica alike.
@@ -47,6 +49,7 @@ from mesh_middleware.registry.store.etcd_client import (
     KeyValue,
     WatchEvent,
 )
+from mesh_middleware.registry.telemetry import RETENTION_SECONDS
 
 __all__ = ["EtcdStore", "StoreKey", "StoredInstance", "load_store_key", "parse_etcd_url"]
 
@@ -56,6 +59,10 @@ log = structlog.get_logger("mesh.registry")
 LEADER_TTL = 6
 LEADER_RENEW = 2.0
 STORE_KEY_ENV = "MESH_STORE_KEY"
+# Telemetry reports are shared for as long as the registry keeps them (5 minutes): keys under
+# one lease per replica, a new lease every TELEMETRY_LEASE_EVERY seconds.
+TELEMETRY_LEASE_EVERY = 30.0
+MAX_SHARED_REPORT_BYTES = 512 * 1024  # etcd takes 1.5 MiB per request; reports are KiBs
 
 Listener = Callable[[int, list[WatchEvent]], object]
 
@@ -151,8 +158,14 @@ class EtcdStore:
         self._leader = False
         self._session = 0
         self.revision, kvs = self.client.get_prefix(self.prefix)
-        self._kvs: dict[str, KeyValue] = {kv.key: kv for kv in kvs}
+        # Reports are merged into the telemetry windows, not kept in the mirror.
+        self._initial_reports = [kv for kv in kvs if self.kind_of(kv.key) == "telemetry"]
+        self._kvs: dict[str, KeyValue] = {
+            kv.key: kv for kv in kvs if self.kind_of(kv.key) != "telemetry"
+        }
         self._tombstones: dict[str, int] = {}
+        self._reports_sent = 0
+        self._report_lease = (0, 0.0)  # lease, when granted (monotonic)
 
     # -- the mirror --------------------------------------------------------------------
 
@@ -178,6 +191,8 @@ class EtcdStore:
         with self._lock:
             for event in events:
                 key, at = event.kv.key, event.kv.mod_revision
+                if self.kind_of(key) == "telemetry":
+                    continue
                 current = self._kvs.get(key)
                 if (current is not None and current.mod_revision >= at) or (
                     self._tombstones.get(key, 0) >= at
@@ -443,6 +458,38 @@ class EtcdStore:
                 return current.value.decode()
             if time.monotonic() > deadline:
                 raise EtcdError(f"cannot settle the shared {name} token")
+
+    # -- telemetry -----------------------------------------------------------------------
+
+    def share_report(self, report: dict[str, Any]) -> None:
+        """Put an edge report this replica took where the other replicas merge it from."""
+        value = json.dumps({"received_at": time.time(), "report": report}).encode()
+        if len(value) > MAX_SHARED_REPORT_BYTES:
+            log.warning("telemetry_report_not_shared", bytes=len(value))
+            return
+        lease, granted = self._report_lease
+        if not lease or time.monotonic() - granted >= TELEMETRY_LEASE_EVERY:
+            lease = self.client.grant(RETENTION_SECONDS + TELEMETRY_LEASE_EVERY)
+            self._report_lease = (lease, time.monotonic())
+        self._reports_sent += 1
+        key = self._k("telemetry", self.replica_id, str(self._reports_sent))
+        self.client.put(key, value, lease=lease)
+
+    def shared_report(self, kv: KeyValue) -> tuple[dict[str, Any], float] | None:
+        """(report, seconds since its replica took it) for another replica's report, else
+        ``None`` (this replica's own, which it merged already, or not a report)."""
+        if kv.key.startswith(self._k("telemetry", self.replica_id) + "/") or not kv.value:
+            return None
+        try:
+            data = json.loads(kv.value)
+            return dict(data["report"]), max(0.0, time.time() - float(data["received_at"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def take_initial_reports(self) -> list[KeyValue]:
+        """The reports etcd held at start (once)."""
+        reports, self._initial_reports = self._initial_reports, []
+        return reports
 
     def status(self) -> dict[str, Any]:
         """What ``/healthz`` says about the store."""
