@@ -33,6 +33,7 @@ from mesh_middleware.registry.models import (
     RootRotation,
     TokenRequest,
 )
+from mesh_middleware.registry.replicated import ReplicaBehind
 from mesh_middleware.registry.store import InstanceRecord
 from mesh_middleware.registry.telemetry import Telemetry, TelemetryReport
 
@@ -237,6 +238,10 @@ async def service_instances(request: Request) -> Response:
                 return Response(status_code=204)  # the client left; nobody reads this
         except TooManyWatches:
             raise ApiError(503, "busy", "too many services are being watched") from None
+        except ReplicaBehind:
+            raise ApiError(
+                503, "behind", "this replica has not caught up with that index: try another"
+            ) from None
     index = catalog.service_index(service)
     return Response(
         _rendered(_state(request), service, index, healthy_only),
@@ -292,7 +297,7 @@ async def _wait_unless_gone(
         for task in (watching, leaving):
             task.cancel()
     if watching in done:
-        watching.result()  # raises TooManyWatches
+        watching.result()  # raises TooManyWatches, ReplicaBehind
         return True
     return False
 

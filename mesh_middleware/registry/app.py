@@ -129,22 +129,23 @@ def _follow(store: EtcdStore, state: RegistryState, loop: asyncio.AbstractEventL
     assert isinstance(catalog, ReplicatedCatalog)
 
     def changed(revision: int, events: list[WatchEvent]) -> None:
-        try:
-            catalog.apply(revision, events)
-            kinds = {store.kind_of(event.kv.key) for event in events}
-            if "telemetry" in kinds:
-                for event in events:
-                    if not event.deleted and store.kind_of(event.kv.key) == "telemetry":
-                        _merge_shared(store, state, event.kv)
-            if "keys" in kinds:
-                state.keys.reload()
-            if "tokens" in kinds:
-                state.join_tokens.reload()
-            if "ca" in kinds:
-                state.ca.reload()
-                _publish_ca(state.ca, warn=False)
-        except Exception:
-            log.exception("replica_update_failed", revision=revision)
+        kinds = {store.kind_of(event.kv.key) for event in events}
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("catalog", lambda: catalog.apply(revision, events))
+        ]
+        if "telemetry" in kinds:
+            steps.append(("telemetry", lambda: _merge_all(store, state, events)))
+        if "keys" in kinds:
+            steps.append(("keys", state.keys.reload))
+        if "tokens" in kinds:
+            steps.append(("tokens", state.join_tokens.reload))
+        if "ca" in kinds:
+            steps.append(("ca", lambda: _reload_ca(state.ca)))
+        for name, step in steps:
+            try:  # each on its own: a bad instance must not hold back a token's revocation
+                step()
+            except Exception:
+                log.exception("replica_update_failed", part=name, revision=revision)
 
     def relisted(revision: int) -> None:
         catalog.resync(revision)
@@ -156,6 +157,17 @@ def _follow(store: EtcdStore, state: RegistryState, loop: asyncio.AbstractEventL
         lambda revision, events: loop.call_soon_threadsafe(changed, revision, events),
         lambda revision: loop.call_soon_threadsafe(relisted, revision),
     )
+
+
+def _reload_ca(ca: CertificateAuthority) -> None:
+    ca.reload()
+    _publish_ca(ca, warn=False)
+
+
+def _merge_all(store: EtcdStore, state: RegistryState, events: list[WatchEvent]) -> None:
+    for event in events:
+        if not event.deleted and store.kind_of(event.kv.key) == "telemetry":
+            _merge_shared(store, state, event.kv)
 
 
 def _merge_shared(store: EtcdStore, state: RegistryState, kv: KeyValue) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -21,14 +22,22 @@ from mesh_middleware.registry.store.base import InstanceRecord
 from mesh_middleware.registry.store.etcd import EtcdStore, StoredInstance
 from mesh_middleware.registry.store.etcd_client import WatchEvent
 
-__all__ = ["ReplicatedCatalog"]
+__all__ = ["ReplicaBehind", "ReplicatedCatalog"]
 
 log = structlog.get_logger("mesh.registry")
 
 # How long an acknowledgement waits for the watch to bring back a write (it is durable in
-# etcd already; past this the answer goes out without it).
-CATCH_UP_SECONDS = 5.0
+# etcd already; past this the answer goes out without it). With the etcd call's 1.5 s it stays
+# under the mesh clients' 2 s registry timeout.
+CATCH_UP_SECONDS = 0.4
+# How long a long-poll carrying an index this replica has not reached yet waits for its watch
+# to get there, before the replica says it is behind (503: the client tries another).
+BEHIND_SECONDS = 2.0
 LEASE_LOOKUPS_PER_SWEEP = 20
+
+
+class ReplicaBehind(Exception):
+    """A client holds an index this replica has not reached: its watch of etcd is behind."""
 
 
 class ReplicatedCatalog(Catalog):
@@ -38,6 +47,7 @@ class ReplicatedCatalog(Catalog):
         super().__init__(store, clock=clock)
         self._etcd = store
         self._applied: asyncio.Event | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
         for stored in store.stored_instances():
             instance = self.get(stored.record.service, stored.record.instance_id)
             if instance is not None:
@@ -59,6 +69,9 @@ class ReplicatedCatalog(Catalog):
             return existing, False
         healthy = existing.healthy if existing and existing.record.check == record.check else True
         revision = await asyncio.to_thread(self._etcd.register, record, healthy)
+        if existing is not None and existing.lease:
+            # The key moved to a new lease; end the old one (in the background, best effort).
+            self._background(asyncio.to_thread(self._etcd.release, existing.lease))
         await self._caught_up(revision)
         metrics.REGISTRATIONS.inc()
         instance = self.get(record.service, record.instance_id)
@@ -76,7 +89,8 @@ class ReplicatedCatalog(Catalog):
         revision = await asyncio.to_thread(
             self._etcd.deregister, service, instance_id, existing.lease
         )
-        await self._caught_up(revision)
+        if revision is not None:
+            await self._caught_up(revision)
         log.info("instance_deregistered", service=service, instance=instance_id, reason=reason)
         return True
 
@@ -106,17 +120,44 @@ class ReplicatedCatalog(Catalog):
             instance.expires_at = self._clock() + left
         return 0
 
-    async def _caught_up(self, revision: int) -> None:
-        deadline = self._clock() + CATCH_UP_SECONDS
+    async def wait_for_change(self, service: str, after: int, wait: float) -> None:
+        if after > self.index and not await self._reaches(after, wait):
+            raise ReplicaBehind
+        await super().wait_for_change(service, after, wait)
+
+    async def _reaches(self, after: int, wait: float) -> bool:
+        """An index past this replica's: from a replica further on (wait for this one's watch
+        to get there, never answering a lower index and an older state than the client saw),
+        or from another history (etcd never got that far: answer at once, as a new store
+        does). ``False`` when this replica is behind and stays so."""
+        try:
+            current = await asyncio.to_thread(self._etcd.current_revision)
+        except OSError:
+            return False  # cannot tell: let the client ask another replica
+        if after > current:
+            return True
+        return await self._caught_up(after, min(wait, BEHIND_SECONDS), quiet=True)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _caught_up(
+        self, revision: int, within: float = CATCH_UP_SECONDS, *, quiet: bool = False
+    ) -> bool:
+        deadline = self._clock() + within
         while self.index < revision:
             remaining = deadline - self._clock()
             if remaining <= 0:
-                log.warning("etcd_watch_behind", revision=revision, applied=self.index)
-                return
+                if not quiet:
+                    log.warning("etcd_watch_behind", revision=revision, applied=self.index)
+                return False
             if self._applied is None:
                 self._applied = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._applied.wait(), remaining)
+        return True
 
     # -- the watch -----------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ def test_kill_a_replica_and_the_etcd_leader_under_load(tmp_path: Path) -> None:
         tally = Tally()
         stop = threading.Event()
         missing: list[str] = []
-        jwks_by_replica: dict[str, dict[str, object]] = {}
+        verified: collections.Counter[str] = collections.Counter()
 
         def renewals(n: int) -> None:
             client = RegistryClient(urls, join)
@@ -100,18 +100,16 @@ def test_kill_a_replica_and_the_etcd_leader_under_load(tmp_path: Path) -> None:
 
             def mint_and_verify() -> None:
                 issued = client.token("orders", "inventory")
-                # Verified with the keys of every replica that answers (each fetched once).
+                # Verified with the keys every live replica publishes now (a restarted one too).
                 for replica in replicas:
                     if replica.proc.poll() is not None:
                         continue
-                    jwks = jwks_by_replica.get(replica.url)
-                    if jwks is None:
-                        try:
-                            jwks = httpx.get(f"{replica.url}/v1/identity/jwks", timeout=2).json()
-                        except httpx.HTTPError:
-                            continue  # killed meanwhile
-                        jwks_by_replica[replica.url] = jwks
+                    try:
+                        jwks = httpx.get(f"{replica.url}/v1/identity/jwks", timeout=2).json()
+                    except httpx.HTTPError:
+                        continue  # killed meanwhile
                     assert verify(issued.token, jwks, "inventory").service == "orders"
+                    verified[replica.url] += 1
 
             while not stop.is_set():
                 tally.run("token", mint_and_verify)
@@ -156,9 +154,11 @@ def test_kill_a_replica_and_the_etcd_leader_under_load(tmp_path: Path) -> None:
         for kind in ("renewal", "lookup", "token"):
             print(f"  {kind:8s} calls {tally.calls[kind]:5d}   failed {tally.failed[kind]}")
         print(f"  lookups missing an instance: {len(missing)}")
+        print(f"  tokens verified with each replica's keys: {sorted(verified.values())}")
         assert not tally.errors, tally.errors
         assert not missing, missing[:10]
         assert min(tally.calls[k] for k in ("renewal", "lookup", "token")) > 20
+        assert verified[restarted.url] > 0  # the restarted replica signs and verifies alike
 
 
 def _converge(replicas: list[Registry], cluster: object) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,16 +20,22 @@ from hypothesis import strategies as st
 from mesh_middleware.identity.issuer import generate_signing_key
 from mesh_middleware.registry.store import InstanceRecord, JoinTokenRecord, KeyRecord
 from mesh_middleware.registry.store.etcd import (
+    LEADER_MARGIN,
+    LEADER_TTL,
     EtcdStore,
     StoreKey,
     load_store_key,
     parse_etcd_url,
 )
 from mesh_middleware.registry.store.etcd_client import (
+    ATTEMPT_TIMEOUT,
+    CALL_BUDGET,
     Compacted,
     EtcdClient,
     EtcdError,
     EtcdUnavailable,
+    KeyValue,
+    WatchEvent,
     prefix_end,
 )
 from tests.support.etcd_cluster import Cluster, cluster_from_env
@@ -347,3 +354,65 @@ def test_the_gateway_answers_as_the_client_expects(cluster: Cluster) -> None:
     answer = httpx.post(f"{cluster.endpoints[0]}/v3/kv/range", json={"key": "eA=="}, timeout=2)
     body = json.loads(answer.text)
     assert answer.status_code == 200 and isinstance(body["header"]["revision"], str)
+
+
+def test_a_member_that_never_answers_costs_one_attempt_within_the_call_budget(
+    cluster: Cluster, prefix: str
+) -> None:
+    """A listening socket that never answers (a stopped member): the call moves on after one
+    attempt and ends within the call's budget, well under the mesh clients' 2 s."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        etcd = EtcdClient([f"http://127.0.0.1:{silent.getsockname()[1]}", *cluster.endpoints])
+        start = time.monotonic()
+        etcd.put(prefix + "a", b"1")
+        took = time.monotonic() - start
+        etcd.close()
+        assert ATTEMPT_TIMEOUT - 0.1 < took < CALL_BUDGET + 0.2
+    finally:
+        silent.close()
+
+
+def test_a_write_the_watch_already_passed_does_not_come_back(cluster: Cluster, prefix: str) -> None:
+    """A own write whose answer arrives after the watch brought a later deletion of the same
+    key is not put back into the mirror (a revoked token would come back to life)."""
+    store = _store(cluster, prefix, StoreKey(secrets.token_bytes(32)))
+    try:
+        key = prefix + "tokens/t1"
+        deleted = KeyValue(key, b"", store.revision + 2, 0, 0)
+        store._apply(store.revision + 2, [WatchEvent(True, deleted)])
+        store._mirror_put(key, b'{"token_id": "t1"}', store.revision - 1)
+        assert store.load_join_tokens() == []
+    finally:
+        store.close()
+
+
+def test_a_deregistered_instance_cannot_be_renewed(cluster: Cluster, prefix: str) -> None:
+    """Deregistering revokes the instance's lease: no keepalive can renew a key that is gone."""
+    store = _store(cluster, prefix, StoreKey(secrets.token_bytes(32)))
+    try:
+        record = InstanceRecord("orders", "i-1", "127.0.0.1", 8001, None, None, {}, 30.0, None, 0)
+        store.register(record, True)
+        [kv] = store.client.get_prefix(prefix + "instances/")[1]
+        assert store.renew(kv.lease)
+        assert store.deregister("orders", "i-1", kv.lease) is not None
+        assert not store.renew(kv.lease)
+        assert store.client.get_prefix(prefix + "instances/")[1] == []
+        assert store.deregister("orders", "i-1", kv.lease) is None  # gone already
+    finally:
+        store.close()
+
+
+def test_leadership_lapses_when_the_session_is_not_confirmed(cluster: Cluster, prefix: str) -> None:
+    """A leader that could not confirm its session for longer than it lives stops leading
+    by itself, before another replica can have taken over."""
+    store = _store(cluster, prefix, StoreKey(secrets.token_bytes(32)))
+    try:
+        store._leader, store._confirmed = True, time.monotonic()
+        assert store.leads()
+        store._confirmed = time.monotonic() - LEADER_TTL + LEADER_MARGIN
+        assert not store.leads()
+    finally:
+        store.close()

@@ -194,3 +194,15 @@ def test_every_replica_shows_the_edge_reports_any_replica_took(
         assert requests_on(a) == 40  # merged once on A, not again from its own share
         with start_registry(tmp_path / "late", extra=store) as late:
             assert requests_on(late) == 40
+
+
+def test_an_index_from_another_history_is_answered_at_once(
+    replicas: list[Registry], client: httpx.Client
+) -> None:
+    """An index etcd never reached (a client of a wiped store) is answered at once with the
+    current state, as a single registry does; never a 503 loop."""
+    start = time.monotonic()
+    answer = client.get(f"{replicas[1].url}/v1/catalog/services/orders?index=999999999&wait=10s")
+    assert answer.status_code == 200, answer.text
+    assert time.monotonic() - start < 2.0
+    assert answer.json()["index"] < 999999999

@@ -58,6 +58,7 @@ log = structlog.get_logger("mesh.registry")
 # The leader's session: renewed every LEADER_RENEW seconds, lost LEADER_TTL after a crash.
 LEADER_TTL = 6
 LEADER_RENEW = 2.0
+LEADER_MARGIN = 1.0
 STORE_KEY_ENV = "MESH_STORE_KEY"
 # Telemetry reports are shared for as long as the registry keeps them (5 minutes): keys under
 # one lease per replica, a new lease every TELEMETRY_LEASE_EVERY seconds.
@@ -157,7 +158,14 @@ class EtcdStore:
         self._threads: list[threading.Thread] = []
         self._leader = False
         self._session = 0
-        self.revision, kvs = self.client.get_prefix(self.prefix)
+        self._confirmed = 0.0
+        self._report_lock = threading.Lock()
+        try:
+            # The first read may be large: it gets more time than a call on the way.
+            self.revision, kvs = self.client.get_prefix(self.prefix, deadline=time.monotonic() + 30)
+        except BaseException:
+            self.client.close()
+            raise
         # Reports are merged into the telemetry windows, not kept in the mirror.
         self._initial_reports = [kv for kv in kvs if self.kind_of(kv.key) == "telemetry"]
         self._kvs: dict[str, KeyValue] = {
@@ -174,6 +182,8 @@ class EtcdStore:
 
     def _mirror_put(self, key: str, value: bytes, revision: int, lease: int = 0) -> None:
         with self._lock:
+            if revision <= self.revision:
+                return  # the watch brought this revision (and maybe later ones) already
             current = self._kvs.get(key)
             if current is None or current.mod_revision < revision:
                 self._kvs[key] = KeyValue(key, value, revision, revision, lease)
@@ -181,6 +191,8 @@ class EtcdStore:
 
     def _mirror_delete(self, key: str, revision: int) -> None:
         with self._lock:
+            if revision <= self.revision:
+                return
             current = self._kvs.get(key)
             if current is not None and current.mod_revision < revision:
                 del self._kvs[key]
@@ -260,16 +272,20 @@ class EtcdStore:
             return
 
     def leads(self) -> bool:
-        """Whether this replica runs the checks and the rotations now."""
-        return self._leader
+        """Whether this replica runs the checks and the rotations now: it won the leader key,
+        and its session was last confirmed recently enough that it cannot have run out (so two
+        replicas never both lead, even when this one lost etcd)."""
+        return self._leader and time.monotonic() < self._confirmed + LEADER_TTL - LEADER_MARGIN
 
     def _lead(self) -> None:
         key = self._k("leader")
         me = self.replica_id.encode()
         while not self._stop.is_set():
             try:
+                sent = time.monotonic()
                 if not self._session or self.client.keepalive(self._session) <= 0:
                     self._session = self.client.grant(LEADER_TTL)
+                self._confirmed = sent  # the session lives at least LEADER_TTL from `sent`
                 won, _ = self.client.put_if(key, me, mod_revision=0, lease=self._session)
                 if not won:
                     holder = self.client.get(key)
@@ -328,13 +344,24 @@ class EtcdStore:
 
     def register(self, record: InstanceRecord, healthy: bool) -> int:
         """Store the instance under a new lease of its TTL; return the revision."""
-        lease = self.client.grant(record.ttl)
+        deadline = self.client.deadline()  # the grant and the put share one call's time
+        lease = self.client.grant(record.ttl, deadline=deadline)
         key = self._k("instances", record.service, record.instance_id)
-        return self.client.put(key, self._instance_value(record, healthy), lease=lease)
+        value = self._instance_value(record, healthy)
+        return self.client.put(key, value, lease=lease, deadline=deadline)
+
+    def release(self, lease: int) -> None:
+        """End a lease no key uses any more (an instance re-registered under a new one)."""
+        with contextlib.suppress(EtcdError):  # else it ends by itself at its TTL
+            self.client.revoke(lease)
 
     def renew(self, lease: int) -> bool:
         """Keep the instance's lease alive; ``False`` if it is gone."""
         return self.client.keepalive(lease) > 0
+
+    def current_revision(self) -> int:
+        """etcd's revision now (linearizable)."""
+        return self.client.revision()
 
     def time_left(self, lease: int) -> int:
         """Seconds the instance's lease has left (renewed through any replica), 0 if gone."""
@@ -352,12 +379,16 @@ class EtcdStore:
         )
         return revision if won else None
 
-    def deregister(self, service: str, instance_id: str, lease: int) -> int:
-        revision = self.client.delete(self._k("instances", service, instance_id))
+    def deregister(self, service: str, instance_id: str, lease: int) -> int | None:
+        """Remove the instance: revoke its lease, which deletes its key at once (so that no
+        keepalive can renew an instance whose key is gone). The revision of the removal, or
+        ``None`` if it was gone already."""
         if lease:
-            with contextlib.suppress(EtcdError):  # else it ends by itself at its TTL
-                self.client.revoke(lease)
-        return revision
+            revision = self.client.revoke(lease)
+            if revision is not None:
+                return revision
+        revision, existed = self.client.delete_existing(self._k("instances", service, instance_id))
+        return revision if existed else None
 
     # -- the Store interface (what the single-process registry writes through) ----------
 
@@ -467,12 +498,13 @@ class EtcdStore:
         if len(value) > MAX_SHARED_REPORT_BYTES:
             log.warning("telemetry_report_not_shared", bytes=len(value))
             return
-        lease, granted = self._report_lease
-        if not lease or time.monotonic() - granted >= TELEMETRY_LEASE_EVERY:
-            lease = self.client.grant(RETENTION_SECONDS + TELEMETRY_LEASE_EVERY)
-            self._report_lease = (lease, time.monotonic())
-        self._reports_sent += 1
-        key = self._k("telemetry", self.replica_id, str(self._reports_sent))
+        with self._report_lock:  # reports come from several worker threads
+            lease, granted = self._report_lease
+            if not lease or time.monotonic() - granted >= TELEMETRY_LEASE_EVERY:
+                lease = self.client.grant(RETENTION_SECONDS + TELEMETRY_LEASE_EVERY)
+                self._report_lease = (lease, time.monotonic())
+            self._reports_sent += 1
+            key = self._k("telemetry", self.replica_id, str(self._reports_sent))
         self.client.put(key, value, lease=lease)
 
     def shared_report(self, kv: KeyValue) -> tuple[dict[str, Any], float] | None:
@@ -508,5 +540,5 @@ class EtcdStore:
             with contextlib.suppress(EtcdError):
                 self.client.revoke(self._session)  # hand leadership over at once
         for thread in self._threads:
-            thread.join(timeout=3)
+            thread.join(timeout=1)  # daemons: a watch blocked on a quiet stream is left to end
         self.client.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,13 @@ __all__ = [
 
 log = structlog.get_logger("mesh.registry")
 
-REQUEST_TIMEOUT = 2.0
-CONNECT_TIMEOUT = 0.5
+# A call gets CALL_BUDGET seconds over all endpoints, each attempt at most ATTEMPT_TIMEOUT: a
+# member that accepts connections and never answers costs one attempt, and the whole call
+# stays under the mesh clients' 2 s registry timeout, so that they can still try another
+# replica. An etcd leader election (1-2 s) can outlast a call: it fails (503), and is retried.
+CALL_BUDGET = 1.5
+ATTEMPT_TIMEOUT = 1.0
+CONNECT_TIMEOUT = 0.25
 # A quiet watch is re-established this often (from its last revision, so nothing is missed):
 # the gateway's stream has no heartbeat, and this bounds how long a dead peer goes unnoticed.
 WATCH_IDLE_SECONDS = 15.0
@@ -111,14 +117,17 @@ class EtcdClient:
         self,
         endpoints: Sequence[str],
         *,
-        timeout: float = REQUEST_TIMEOUT,
+        budget: float = CALL_BUDGET,
+        attempt_timeout: float = ATTEMPT_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         if not endpoints:
             raise ValueError("etcd needs at least one endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self.timeout = timeout
-        self._timeouts = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
+        self.budget = budget
+        self.attempt_timeout = attempt_timeout
+        self.connect_timeout = connect_timeout
+        self._timeouts = httpx.Timeout(attempt_timeout, connect=connect_timeout)
         self._current = 0
         self._lock = threading.Lock()
         self._http = httpx.Client(timeout=self._timeouts, follow_redirects=False)
@@ -146,19 +155,34 @@ class EtcdClient:
                 )
             self._current = index
 
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers."""
+    def deadline(self) -> float:
+        """A deadline for one call (or for calls that make one operation together)."""
+        return time.monotonic() + self.budget
+
+    def call(
+        self, path: str, body: dict[str, Any], *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers by ``deadline``."""
+        end = deadline if deadline is not None else self.deadline()
         failures = []
         for index in self._order():
+            remaining = end - time.monotonic()
+            if remaining <= 0.01:
+                failures.append("out of time")
+                break
             url = f"{self.endpoints[index]}/v3/{path}"
+            limit = min(self.attempt_timeout, remaining)
+            timeout = httpx.Timeout(limit, connect=min(self.connect_timeout, limit))
             try:
-                response = self._http.post(url, json=body)
+                response = self._http.post(url, json=body, timeout=timeout)
             except httpx.HTTPError as exc:
                 failures.append(f"{self.endpoints[index]}: {type(exc).__name__}")
                 continue
             if response.status_code >= 500:
                 failures.append(f"{self.endpoints[index]}: {response.status_code}")
                 continue
+            if len(response.content) > _MAX_ANSWER_BYTES:
+                raise EtcdError(f"etcd {path}: answer over {_MAX_ANSWER_BYTES} bytes")
             try:
                 answer = response.json()
             except ValueError:
@@ -173,22 +197,32 @@ class EtcdClient:
 
     # -- keys ----------------------------------------------------------------------------
 
-    def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
+    def get_prefix(
+        self, prefix: str, *, deadline: float | None = None
+    ) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` (linearizable), and the revision they were read at."""
-        answer = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        answer = self.call(
+            "kv/range",
+            {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))},
+            deadline=deadline,
+        )
         return _revision(answer), [_kv(kv) for kv in answer.get("kvs", [])]
+
+    def revision(self) -> int:
+        """The cluster's revision now (a linearizable read of nothing)."""
+        return _revision(self.call("kv/range", {"key": _b64("\0"), "count_only": True}))
 
     def get(self, key: str) -> KeyValue | None:
         answer = self.call("kv/range", {"key": _b64(key)})
         kvs = answer.get("kvs", [])
         return _kv(kvs[0]) if kvs else None
 
-    def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+    def put(self, key: str, value: bytes, *, lease: int = 0, deadline: float | None = None) -> int:
         """Set ``key`` (idempotent: a retried put writes the same value); return the revision."""
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             body["lease"] = str(lease)
-        return _revision(self.call("kv/put", body))
+        return _revision(self.call("kv/put", body, deadline=deadline))
 
     def put_if(
         self, key: str, value: bytes, *, mod_revision: int, lease: int = 0
@@ -216,13 +250,22 @@ class EtcdClient:
 
     def delete(self, key: str) -> int:
         """Remove ``key`` (idempotent); return the revision."""
-        return _revision(self.call("kv/deleterange", {"key": _b64(key)}))
+        return self.delete_existing(key)[0]
+
+    def delete_existing(self, key: str) -> tuple[int, bool]:
+        """Remove ``key``; the revision, and whether there was a key to remove (when there was
+        not, the revision is etcd's current one, maybe of a change elsewhere)."""
+        answer = self.call("kv/deleterange", {"key": _b64(key)})
+        return _revision(answer), int(answer.get("deleted", 0) or 0) > 0
 
     # -- leases --------------------------------------------------------------------------
 
-    def grant(self, ttl: float) -> int:
-        """A new lease of ``ttl`` seconds (rounded up): its id."""
-        answer = self.call("lease/grant", {"TTL": str(max(1, int(-(-ttl // 1))))})
+    def grant(self, ttl: float, *, deadline: float | None = None) -> int:
+        """A new lease of ``ttl`` seconds (rounded up): its id. Not idempotent: a lease granted
+        by a call whose answer was lost holds no key and ends by itself."""
+        answer = self.call(
+            "lease/grant", {"TTL": str(max(1, int(-(-ttl // 1))))}, deadline=deadline
+        )
         lease = int(answer.get("ID", 0))
         if not lease:
             raise EtcdError(f"etcd lease/grant: no lease in {answer!r}")
@@ -239,13 +282,15 @@ class EtcdClient:
         answer = self.call("lease/timetolive", {"ID": str(lease)})
         return max(0, int(answer.get("TTL", 0)))
 
-    def revoke(self, lease: int) -> None:
-        """End ``lease`` and delete its keys (a lease already gone is fine)."""
+    def revoke(self, lease: int) -> int | None:
+        """End ``lease`` and delete its keys at once; the revision, or ``None`` if the lease was
+        gone already."""
         try:
-            self.call("lease/revoke", {"ID": str(lease)})
+            return _revision(self.call("lease/revoke", {"ID": str(lease)}))
         except EtcdError as exc:
             if "not found" not in str(exc):
                 raise
+            return None
 
     def status(self, endpoint: str) -> dict[str, Any]:
         """``maintenance/status`` of one endpoint (no failover: it is about that member)."""
@@ -275,29 +320,35 @@ class EtcdClient:
                     "key": _b64(prefix),
                     "range_end": _b64(prefix_end(prefix)),
                     "start_revision": str(next_revision),
+                    "progress_notify": True,
                 }
             }
-            timeouts = httpx.Timeout(WATCH_IDLE_SECONDS, connect=self._timeouts.connect)
+            timeouts = httpx.Timeout(WATCH_IDLE_SECONDS, connect=self.connect_timeout)
             try:
                 with self._http.stream(
                     "POST", f"{endpoint}/v3/watch", json=request, timeout=timeouts
                 ) as response:
                     if response.status_code != 200:
                         raise EtcdUnavailable(f"etcd watch: {response.status_code}")
-                    self._answered(index)
-                    attempt = 0
                     for line in response.iter_lines():
                         if stop.is_set():
                             return
                         if not line.strip():
                             continue
                         message = json.loads(line)
-                        result = message.get("result", {})
                         if "error" in message:
                             raise EtcdUnavailable(f"etcd watch: {message['error']}")
+                        result = message.get("result", {})
                         compacted = int(result.get("compact_revision", 0) or 0)
                         if compacted:
                             raise Compacted(compacted)
+                        if result.get("canceled"):
+                            reason = result.get("cancel_reason") or "canceled"
+                            raise EtcdUnavailable(f"etcd watch: {reason}")
+                        if result.get("created"):
+                            self._answered(index)
+                            continue
+                        attempt = 0  # a stream that delivers: failures start counting anew
                         events = [
                             WatchEvent(event.get("type") == "DELETE", _kv(event.get("kv", {})))
                             for event in result.get("events", [])
@@ -306,6 +357,10 @@ class EtcdClient:
                             revision = max(e.kv.mod_revision for e in events)
                             next_revision = revision + 1
                             yield revision, events
+                        else:
+                            # A progress notification: nothing under the prefix up to this
+                            # revision is left to come, so a re-watch need not go back further.
+                            next_revision = max(next_revision, _revision(result) + 1)
             except httpx.ReadTimeout:
                 continue  # quiet: watch again from where we were
             except (httpx.HTTPError, EtcdUnavailable, ValueError) as exc:
