@@ -87,6 +87,8 @@ def create_registry_app(config: RegistrySettings) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await checker.close()
+            if isinstance(state.catalog, ReplicatedCatalog):
+                state.catalog.close()
             store.close()
 
     async def openapi(_: Request) -> Response:

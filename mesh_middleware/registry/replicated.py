@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,7 +35,18 @@ CATCH_UP_SECONDS = 0.4
 # How long a long-poll carrying an index this replica has not reached yet waits for its watch
 # to get there, before the replica says it is behind (503: the client tries another).
 BEHIND_SECONDS = 2.0
+# etcd calls run on threads of their own, at most this many waiting or running: past that,
+# etcd is not keeping up and a client is better told at once (503) to try another replica.
+ETCD_THREADS = 16
+MAX_ETCD_CALLS = 256
 LEASE_LOOKUPS_PER_SWEEP = 20
+
+
+T = TypeVar("T")
+
+
+class StoreBusy(OSError):
+    """Too many etcd calls are waiting (an OSError: the API answers 503, the store failed)."""
 
 
 class ReplicaBehind(Exception):
@@ -48,6 +61,8 @@ class ReplicatedCatalog(Catalog):
         self._etcd = store
         self._applied: asyncio.Event | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._threads = ThreadPoolExecutor(ETCD_THREADS, thread_name_prefix="mesh-etcd-call")
+        self._calls = 0
         for stored in store.stored_instances():
             instance = self.get(stored.record.service, stored.record.instance_id)
             if instance is not None:
@@ -62,16 +77,16 @@ class ReplicatedCatalog(Catalog):
             existing is not None
             and existing.lease
             and same_registration(existing.record, record)
-            and await asyncio.to_thread(self._etcd.renew, existing.lease)
+            and await self._call(self._etcd.renew, existing.lease)
         ):
             existing.expires_at = self._clock() + record.ttl
             metrics.RENEWALS.inc()
             return existing, False
         healthy = existing.healthy if existing and existing.record.check == record.check else True
-        revision = await asyncio.to_thread(self._etcd.register, record, healthy)
+        revision = await self._call(self._etcd.register, record, healthy)
         if existing is not None and existing.lease:
             # The key moved to a new lease; end the old one (in the background, best effort).
-            self._background(asyncio.to_thread(self._etcd.release, existing.lease))
+            self._background(self._call(self._etcd.release, existing.lease))
         await self._caught_up(revision)
         metrics.REGISTRATIONS.inc()
         instance = self.get(record.service, record.instance_id)
@@ -86,9 +101,7 @@ class ReplicatedCatalog(Catalog):
         existing = self.get(service, instance_id)
         if existing is None:
             return False
-        revision = await asyncio.to_thread(
-            self._etcd.deregister, service, instance_id, existing.lease
-        )
+        revision = await self._call(self._etcd.deregister, service, instance_id, existing.lease)
         if revision is not None:
             await self._caught_up(revision)
         log.info("instance_deregistered", service=service, instance=instance_id, reason=reason)
@@ -99,7 +112,7 @@ class ReplicatedCatalog(Catalog):
         if instance is None or instance.healthy == healthy:
             return
         stored = StoredInstance(instance.record, instance.healthy, instance.lease)
-        revision = await asyncio.to_thread(self._etcd.set_health, stored, healthy)
+        revision = await self._call(self._etcd.set_health, stored, healthy)
         if revision is None:
             return  # changed meanwhile (another replica, a re-registration): check again later
         await self._caught_up(revision)
@@ -113,7 +126,7 @@ class ReplicatedCatalog(Catalog):
         due = [i for i in self.all_instances() if i.lease and i.expires_at <= now]
         for instance in due[:LEASE_LOOKUPS_PER_SWEEP]:
             try:
-                left = await asyncio.to_thread(self._etcd.time_left, instance.lease)
+                left = await self._call(self._etcd.time_left, instance.lease)
             except OSError:
                 return 0  # etcd is away: try again next sweep
             # Gone leases stay until the watch brings their deletion.
@@ -131,12 +144,26 @@ class ReplicatedCatalog(Catalog):
         or from another history (etcd never got that far: answer at once, as a new store
         does). ``False`` when this replica is behind and stays so."""
         try:
-            current = await asyncio.to_thread(self._etcd.current_revision)
+            current = await self._call(self._etcd.current_revision)
         except OSError:
             return False  # cannot tell: let the client ask another replica
         if after > current:
             return True
         return await self._caught_up(after, min(wait, BEHIND_SECONDS), quiet=True)
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a (blocking) etcd call on the store's threads, or refuse if they are backed up."""
+        if self._calls >= MAX_ETCD_CALLS:
+            raise StoreBusy(f"{self._calls} etcd calls are waiting: etcd is not keeping up")
+        self._calls += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, functools.partial(function, *args))
+        finally:
+            self._calls -= 1
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
