@@ -287,6 +287,22 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mesh_middleware.registry.doctor import examine
+
+    try:
+        reports, problems = examine(args.registry)
+    except ValueError as exc:
+        print(f"mesh doctor: --registry: {exc}", file=sys.stderr)
+        return 2
+    _table([("REGISTRY", "STATE", "LEADS", "INDEX", "STORE / ERROR"), *(r.row() for r in reports)])
+    for problem in problems:
+        print(f"problem: {problem}")
+    if not problems:
+        print(f"ok: {len(reports)} registr{'y' if len(reports) == 1 else 'ies'} agree")
+    return 1 if problems else 0
+
+
 def _services(args: argparse.Namespace) -> int:
     from mesh_middleware.registry.client import RegistryError
 
@@ -641,6 +657,17 @@ def _parser() -> argparse.ArgumentParser:
     _admin_options(create)
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=_token_create)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that every registry URL answers and that they make one registry",
+        description=(
+            "Ask each URL of --registry (no failover) for its health, store, leadership, "
+            "trust domain and signing keys; exit 1 on any problem."
+        ),
+    )
+    _registry_option(doctor)
+    doctor.set_defaults(run=_doctor)
 
     services = commands.add_parser("services", help="list registered services")
     _registry_option(services)

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mesh_middleware.cli import main
 from tests.registry.support import (
     Registry,
     bearer,
@@ -24,6 +25,7 @@ from tests.registry.support import (
 )
 from tests.registry.test_telemetry import many, report
 from tests.support.etcd_cluster import Cluster, cluster_from_env
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -206,3 +208,18 @@ def test_an_index_from_another_history_is_answered_at_once(
     assert answer.status_code == 200, answer.text
     assert time.monotonic() - start < 2.0
     assert answer.json()["index"] < 999999999
+
+
+def test_mesh_doctor_says_whether_the_urls_make_one_registry(
+    replicas: list[Registry], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls = ",".join(r.url for r in replicas)
+    wait_until(lambda: main(["doctor", "--registry", urls]) == 0, 10.0)  # once one leads
+    out = capsys.readouterr().out
+    assert "ok: 3 registries agree" in out and out.count(" up ") == 3
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["doctor", "--registry", f"{urls},{dead}"]) == 1
+    assert f"problem: {dead} does not answer" in capsys.readouterr().out
+    with start_registry(tmp_path / "alone") as alone:
+        assert main(["doctor", "--registry", f"{replicas[0].url},{alone.url}"]) == 1
+    assert "different stores" in capsys.readouterr().out
