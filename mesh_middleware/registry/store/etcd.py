@@ -363,10 +363,6 @@ class EtcdStore:
         """etcd's revision now (linearizable)."""
         return self.client.revision()
 
-    def time_left(self, lease: int) -> int:
-        """Seconds the instance's lease has left (renewed through any replica), 0 if gone."""
-        return self.client.time_to_live(lease)
-
     def set_health(self, stored: StoredInstance, healthy: bool) -> int | None:
         """Flip health if nobody changed the instance meanwhile (compare-and-swap on its mod
         revision); the revision, or ``None`` if it had changed."""

@@ -277,11 +277,6 @@ class EtcdClient:
         result = answer.get("result", answer)
         return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
 
-    def time_to_live(self, lease: int) -> int:
-        """Seconds ``lease`` has left, or 0 if it is gone."""
-        answer = self.call("lease/timetolive", {"ID": str(lease)})
-        return max(0, int(answer.get("TTL", 0)))
-
     def revoke(self, lease: int) -> int | None:
         """End ``lease`` and delete its keys at once; the revision, or ``None`` if the lease was
         gone already."""
