@@ -10,6 +10,7 @@ through ``MESH_TEST_ETCD_DIR``. Standard library only: CI runs it before any vir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +129,7 @@ def free_port() -> int:
 def start_cluster(directory: Path, *, timeout: float = 30.0) -> Cluster:
     """Start three members under ``directory`` and wait until they elected a leader."""
     directory.mkdir(parents=True, exist_ok=True)
+    directory = directory.resolve()
     token = f"mesh-test-{os.getpid()}-{time.time_ns()}"
     peers = [(f"m{n}", free_port(), free_port()) for n in range(1, MEMBERS + 1)]
     initial = ",".join(f"{name}=http://127.0.0.1:{peer}" for name, _, peer in peers)
@@ -170,11 +172,33 @@ def cluster_from_env() -> Cluster:
     return load_cluster(Path(directory))
 
 
+def _members_running(directory: Path) -> list[int]:
+    """The pids of etcd processes whose data is under ``directory`` (members a test restarted
+    included), found by their command lines, never by a saved pid another process may reuse."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "--data-dir" in (arg.decode(errors="replace") for arg in argv):
+            data = argv[argv.index(b"--data-dir") + 1].decode(errors="replace")
+            if Path(data).parent == directory and os.path.basename(argv[0]) == b"etcd":
+                pids.append(int(proc.name))
+    return pids
+
+
 def stop_cluster(directory: Path) -> None:
     """Kill every member and remove their data."""
-    if (directory / "cluster.json").exists():
-        for member in load_cluster(directory).members:
-            member.kill()
+    directory = directory.resolve()
+    for pid in _members_running(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _members_running(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
     shutil.rmtree(directory, ignore_errors=True)
 
 
