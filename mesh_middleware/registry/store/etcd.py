@@ -523,7 +523,7 @@ class EtcdStore:
         """What ``/healthz`` says about the store."""
         return {
             "replica": self.replica_id,
-            "leader": self._leader,
+            "leader": self.leads(),
             "etcd_endpoint": self.client.endpoint,
             "revision": self.revision,
         }
