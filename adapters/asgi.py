@@ -27,10 +27,19 @@ from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
 
-__all__ = ["CALLER_SCOPE_KEY", "DEADLINE_SCOPE_KEY", "PEER_SCOPE_KEY", "MeshMiddleware"]
+__all__ = [
+    "CALLER_SCOPE_KEY",
+    "DEADLINE_SCOPE_KEY",
+    "PEER_SCOPE_KEY",
+    "USER_SCOPE_KEY",
+    "MeshMiddleware",
+]
 
 CALLER_SCOPE_KEY = "mesh.caller"
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
+
+USER_SCOPE_KEY = "mesh.user"
+"""Where the verified end user (:class:`~mesh_middleware.EndUser` or ``None``) is put."""
 
 PEER_SCOPE_KEY = defaults.PEER_KEY
 """Where ``mesh run`` puts the SPIFFE ID of the client certificate of a mutual-TLS connection."""
@@ -322,6 +331,7 @@ class MeshMiddleware:
                 scope["path"] = (root if raw_root else "") + unquote(admission.path)
                 scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
             scope[CALLER_SCOPE_KEY] = caller
+            scope[USER_SCOPE_KEY] = admission.user
             if deadline is None:
                 await self.app(scope, receive, answer.send)
                 return
@@ -384,7 +394,7 @@ class MeshMiddleware:
     ) -> Admission:
         kid = admission.unknown_kid
         assert kid is not None
-        keys = self.mesh.keys
+        keys = admission.keys if admission.keys is not None else self.mesh.keys
         future = keys.refetch_for(kid)  # rate-limited, shared, in its own thread
         if future is not None:
             await _wait_for(future, _UNKNOWN_KID_WAIT)

@@ -20,6 +20,7 @@ from mesh_middleware.telemetry.exposition import render_metrics
 
 __all__ = [
     "CALLER_ENVIRON_KEY",
+    "USER_ENVIRON_KEY",
     "DEADLINE_ENVIRON_KEY",
     "PEER_ENVIRON_KEY",
     "MeshWSGIMiddleware",
@@ -30,6 +31,9 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 
 CALLER_ENVIRON_KEY = "mesh.caller"
+
+USER_ENVIRON_KEY = "mesh.user"
+"""Where the verified end user (:class:`~mesh_middleware.EndUser` or ``None``) is put."""
 """Where the verified caller (:class:`~mesh_middleware.CallerIdentity` or ``None``) is put."""
 
 PEER_ENVIRON_KEY = defaults.PEER_KEY
@@ -286,6 +290,7 @@ class MeshWSGIMiddleware:
                 raw_path = admission.path
                 environ["PATH_INFO"] = unquote(admission.path, encoding="latin-1")
             environ[CALLER_ENVIRON_KEY] = caller
+            environ[USER_ENVIRON_KEY] = admission.user
             if deadline is None:
                 return _Body(self.app(environ, answer.start_response), finish)
             # Outbound calls made while serving this request never outlive its caller (a
@@ -313,6 +318,7 @@ class MeshWSGIMiddleware:
     ) -> Admission:
         kid = admission.unknown_kid
         assert kid is not None
-        if self.mesh.keys.refresh_for_unknown_kid(kid):
+        keys = admission.keys if admission.keys is not None else self.mesh.keys
+        if keys.refresh_for_unknown_kid(kid):
             return self._engine.admit(method, raw_path, token, headers, peer=peer)
         return admission

@@ -25,6 +25,7 @@ from mesh_middleware.errors import (
     PolicyIssue,
     UnknownSigningKey,
 )
+from mesh_middleware.identity.end_user import EndUser
 from mesh_middleware.identity.issuer import TokenIssuer
 from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.policy.authorization import AuthorizationDecision
@@ -38,6 +39,7 @@ __all__ = [
     "CircuitOpen",
     "Deadline",
     "DeadlineExceeded",
+    "EndUser",
     "IdentityError",
     "Mesh",
     "MeshError",
@@ -54,6 +56,7 @@ __all__ = [
     "__version__",
     "get_caller",
     "get_deadline",
+    "get_user",
 ]
 
 
@@ -69,6 +72,22 @@ def get_caller(scope_or_environ: object) -> CallerIdentity | None:
     if isinstance(mapping, dict):
         caller = mapping.get("mesh.caller")
         return caller if isinstance(caller, CallerIdentity) else None
+    return None
+
+
+def get_user(scope_or_environ: object) -> EndUser | None:
+    """The verified end user of a request (``None``: anonymous, or no ``end_users`` policy).
+
+    Pass an ASGI scope, a WSGI environ, or a request object with ``.scope`` or ``.environ``.
+
+    >>> get_user(request).claims["email"]  # doctest: +SKIP
+    'alice@example.com'
+    """
+    holder = getattr(scope_or_environ, "scope", None) or getattr(scope_or_environ, "environ", None)
+    mapping = holder if holder is not None else scope_or_environ
+    if isinstance(mapping, dict):
+        user = mapping.get("mesh.user")
+        return user if isinstance(user, EndUser) else None
     return None
 
 

@@ -3,7 +3,8 @@
 ``mesh registry …`` · ``mesh token create SERVICE`` · ``mesh services [--json]`` ·
 ``mesh instances SERVICE [--json]`` · ``mesh stat [--window 60s] [--edges] [--json]`` ·
 ``mesh policy check FILE…`` · ``mesh policy schema`` ·
-``mesh policy explain FILE --from S --method M --path P [--header K=V]… [--json]`` ·
+``mesh policy explain FILE --from S --method M --path P [--header K=V]… [--user ISS/SUB]
+[--claim K=V]… [--json]`` ·
 ``mesh demo [--duration N]``.
 """
 
@@ -57,7 +58,7 @@ def _header(text: str) -> tuple[str, str]:
 
 def _policy_explain(args: argparse.Namespace) -> int:
     from mesh_middleware.policy.compiled import compile_policy_file
-    from mesh_middleware.policy.explain import explain
+    from mesh_middleware.policy.explain import explain, split_principal
 
     try:
         compiled = compile_policy_file(args.file)
@@ -69,15 +70,68 @@ def _policy_explain(args: argparse.Namespace) -> int:
     for name, value in args.header:
         key = name.lower()
         headers[key] = f"{headers[key]},{value}" if key in headers else value
+    if args.claim and args.user is None:
+        print("mesh policy explain: --claim needs --user ISSUER/SUBJECT", file=sys.stderr)
+        return 2
+    try:
+        claims = _claims(args.claim)
+        if args.user is not None:
+            split_principal(args.user)
+    except ValueError as exc:
+        print(f"mesh policy explain: {exc}", file=sys.stderr)
+        return 2
     result = explain(
-        compiled, caller=args.caller, method=args.method, path=args.path, headers=headers
+        compiled,
+        caller=args.caller,
+        method=args.method,
+        path=args.path,
+        headers=headers,
+        user=args.user,
+        claims=claims,
     )
     if args.json:
         print(json.dumps(result))
     else:
         rule = f" rule {result['rule']!r}" if result["rule"] else ""
         print(f"{result['decision']} ({result['status']}){rule}: {result['reason']}")
+        if "user" in result:
+            print(f"  end user: {result['user']}")
+        if "end_user" in result:
+            print(f"  {result['end_user']}")
+        for check in result.get("user_conditions", []):
+            verdict = "held" if check["held"] else "did not hold"
+            print(f"  {check['action']} rule {check['rule']!r}: end-user conditions {verdict}")
+            for line in check["conditions"]:
+                print(f"    {line}")
     return 0
+
+
+def _claims(given: list[tuple[str, str]]) -> dict[str, Any]:
+    """``--claim K=V`` pairs as a claims object: ``[a][b]`` keys nest, a repeated key makes a
+    list, and a value starting with ``[`` or ``{`` is JSON."""
+    from mesh_middleware.policy.claims import parse_claim_path
+
+    claims: dict[str, Any] = {}
+    for key, raw in given:
+        value: Any = raw
+        if raw[:1] in ("[", "{"):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                raise ValueError(f"--claim {key}: {raw!r} is not JSON") from None
+        *outer, last = parse_claim_path(key)
+        holder = claims
+        for part in outer:
+            nested = holder.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise ValueError(f"--claim {key}: {part!r} is given a value and nested claims")
+            holder = nested
+        if last in holder:
+            before = holder[last]
+            holder[last] = [*before, value] if isinstance(before, list) else [before, value]
+        else:
+            holder[last] = value
+    return claims
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -519,6 +573,21 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--path", required=True, metavar="P")
     explain.add_argument(
         "--header", type=_header, action="append", default=[], metavar="K=V", help="repeatable"
+    )
+    explain.add_argument(
+        "--user",
+        metavar="ISS/SUB",
+        help="the end user's principal (a valid token from issuer ISS for subject SUB); "
+        "without it the end user is anonymous",
+    )
+    explain.add_argument(
+        "--claim",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a claim of the end user's token (repeatable; a repeated K makes a list; "
+        "[outer][inner]=V nests; V starting with [ or { is JSON)",
     )
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     explain.set_defaults(run=_policy_explain)

@@ -12,6 +12,7 @@ def test_public_api_is_pinned() -> None:
         "CircuitOpen",
         "Deadline",
         "DeadlineExceeded",
+        "EndUser",
         "IdentityError",
         "Mesh",
         "MeshError",
@@ -28,6 +29,7 @@ def test_public_api_is_pinned() -> None:
         "__version__",
         "get_caller",
         "get_deadline",
+        "get_user",
     ]
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import structlog
@@ -24,13 +24,17 @@ from joserfc.jwk import OKPKey
 from mesh_middleware import defaults
 from mesh_middleware.identity.registry_trust import registry_verify
 
-__all__ = ["KeyStore", "parse_jwks"]
+__all__ = ["KeyStore", "KeyStoreBase", "parse_jwks"]
 
 log = structlog.get_logger("mesh.identity")
 
+K = TypeVar("K", bound=Any)
 
-def _fingerprint(keys: dict[str, OKPKey]) -> set[tuple[str, str]]:
-    return {(kid, str(key.as_dict(private=False).get("x"))) for kid, key in keys.items()}
+
+def _fingerprint(keys: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (kid, json.dumps(key.as_dict(private=False), sort_keys=True)) for kid, key in keys.items()
+    }
 
 
 def parse_jwks(document: Any) -> dict[str, OKPKey]:
@@ -51,25 +55,23 @@ def parse_jwks(document: Any) -> dict[str, OKPKey]:
     return keys
 
 
-class KeyStore:
-    """The verification keys of a trust domain, by key id.
+class KeyStoreBase(Generic[K]):
+    """Verification keys by key id, from sources tried in turn, refreshed off the request path.
 
-    ``source`` is a JWKS file or URL, or a sequence of them holding the same key set (one per
-    registry replica): a fetch tries them in order until one succeeds, and starts with that
-    one the next time.
+    Subclasses say how a source becomes keys (:meth:`_load`).
     """
 
     def __init__(
         self,
         source: str | Path | Sequence[str | Path] | None = None,
         *,
-        keys: dict[str, OKPKey] | None = None,
+        keys: dict[str, K] | None = None,
         min_refetch_seconds: float = defaults.JWKS_MIN_REFETCH_SECONDS,
         fetch_timeout: float = defaults.JWKS_FETCH_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sources = _sources(source)
-        self._keys: dict[str, OKPKey] = dict(keys or {})
+        self._keys: dict[str, K] = dict(keys or {})
         self._min_refetch = min_refetch_seconds
         self._timeout = fetch_timeout
         self._clock = clock
@@ -106,14 +108,18 @@ class KeyStore:
     def is_url(self) -> bool:
         return self.source is not None and self.source.startswith(("http://", "https://"))
 
-    def get(self, kid: str) -> OKPKey | None:
+    def get(self, kid: str) -> K | None:
         """The key with this id, or ``None``."""
         return self._keys.get(kid)
 
     def kids(self) -> list[str]:
         return sorted(self._keys)
 
-    def replace(self, keys: dict[str, OKPKey]) -> None:
+    def all(self) -> list[K]:
+        """Every key held now."""
+        return list(self._keys.values())
+
+    def replace(self, keys: dict[str, K]) -> None:
         """Install a new key set (and tell listeners, e.g. to drop cached verifications)."""
         changed = _fingerprint(keys) != _fingerprint(self._keys)
         self._keys = dict(keys)
@@ -162,8 +168,20 @@ class KeyStore:
             if now - self._last_unknown_kid_fetch < self._min_refetch:
                 return None
             self._last_unknown_kid_fetch = now
-            future: Future[bool] = Future()
-            self._inflight = future
+            return self._start_fetch_locked()
+
+    def fetch_in_background(self) -> Future[bool] | None:
+        """Start (or join) a fetch in a daemon thread now; ``None`` without a source."""
+        with self._state_lock:
+            if self.source is None:
+                return None
+            if self._inflight is not None:
+                return self._inflight
+            return self._start_fetch_locked()
+
+    def _start_fetch_locked(self) -> Future[bool]:
+        future: Future[bool] = Future()
+        self._inflight = future
         threading.Thread(
             target=self._run_refetch, args=(future,), name="mesh-jwks-refetch", daemon=True
         ).start()
@@ -195,8 +213,7 @@ class KeyStore:
         errors: list[str] = []
         for source in sources:
             try:
-                is_url = source.startswith(("http://", "https://"))
-                keys = parse_jwks(self._read_url(source) if is_url else self._read_file(source))
+                keys = self._load(source)
             except Exception as exc:  # a bad source must never take verification down with it
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -221,6 +238,10 @@ class KeyStore:
             self._sources = sources[at:] + sources[:at]
         log.warning("jwks_failover", **{"from": sources[0]}, to=source, error=error)
 
+    def _load(self, source: str) -> dict[str, K]:
+        """The keys ``source`` holds now; raises on any failure."""
+        raise NotImplementedError
+
     def _read_file(self, source: str) -> Any:
         path = Path(source)
         stat = path.stat()
@@ -231,13 +252,17 @@ class KeyStore:
         self._file_stamp = (stat.st_mtime_ns, stat.st_size)
         return json.loads(raw)
 
+    def _verify(self) -> Any:
+        """What httpx verifies the source's certificate with."""
+        return True
+
     def _read_url(self, source: str) -> Any:
         # httpx's timeouts are per operation; a source that trickles bytes is cut off by an
         # overall deadline, and a document over the size cap is refused as it streams.
         deadline = time.monotonic() + self._timeout
         body = bytearray()
         with (
-            httpx.Client(timeout=self._timeout, verify=registry_verify()) as client,
+            httpx.Client(timeout=self._timeout, verify=self._verify()) as client,
             client.stream("GET", source, headers={"accept": "application/json"}) as r,
         ):
             r.raise_for_status()
@@ -248,6 +273,22 @@ class KeyStore:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"JWKS fetch took longer than {self._timeout}s")
         return json.loads(bytes(body))
+
+
+class KeyStore(KeyStoreBase[OKPKey]):
+    """The verification keys of a trust domain, by key id.
+
+    ``source`` is a JWKS file or URL, or a sequence of them holding the same key set (one per
+    registry replica): a fetch tries them in order until one succeeds, and starts with that
+    one the next time.
+    """
+
+    def _load(self, source: str) -> dict[str, OKPKey]:
+        is_url = source.startswith(("http://", "https://"))
+        return parse_jwks(self._read_url(source) if is_url else self._read_file(source))
+
+    def _verify(self) -> Any:
+        return registry_verify()
 
 
 def _sources(source: str | Path | Sequence[str | Path] | None) -> tuple[str, ...]:

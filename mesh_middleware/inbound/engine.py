@@ -1,18 +1,25 @@
 """One decision procedure for every inbound request, whichever server protocol carried it.
 
 Order: normalize the path (400) → public paths skip identity and authorization → verify the
-caller's identity (401) → authorize (403, or audit) → faults (delay, abort). The adapters turn
-an :class:`Admission` into ASGI or WSGI calls; the engine itself does no I/O.
+caller's identity (401) → verify the end user's token, if the policy takes end users (401; a
+missing token is an anonymous user) → authorize (403, or audit) → faults (delay, abort). The
+adapters turn an :class:`Admission` into ASGI or WSGI calls; the engine itself does no I/O.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
 from mesh_middleware.errors import IdentityError, PathError, RequestError, UnknownSigningKey
+from mesh_middleware.identity.end_user import (
+    EndUser,
+    EndUserKeysUnavailable,
+    UnknownUserSigningKey,
+)
 from mesh_middleware.identity.verifier import CallerIdentity, TokenVerifier
 from mesh_middleware.inbound.responses import error_body
 from mesh_middleware.policy.authorization import AuthorizationDecision
@@ -38,12 +45,24 @@ class Admission:
     ``status`` is ``None`` when the app gets the request; otherwise the middleware answers
     ``status`` with ``body``. ``delay`` is waited first either way. ``path`` is set when
     normalization changed the path the app should see. ``unknown_kid`` asks the adapter to
-    refetch keys and admit again.
+    refetch keys and admit again: the Mesh's keys, or ``keys`` when set (an end-user issuer's).
+    ``user`` is the verified end user (``None``: anonymous).
     """
 
     # A plain class, not a dataclass: compiled, a slotted dataclass keeps the interpreted
     # __init__ dataclasses generates, and one is made for every request.
-    __slots__ = ("body", "caller", "decision", "delay", "fault", "path", "status", "unknown_kid")
+    __slots__ = (
+        "body",
+        "caller",
+        "decision",
+        "delay",
+        "fault",
+        "keys",
+        "path",
+        "status",
+        "unknown_kid",
+        "user",
+    )
 
     def __init__(
         self,
@@ -55,6 +74,8 @@ class Admission:
         path: str | None = None,
         fault: str | None = None,
         unknown_kid: str | None = None,
+        user: EndUser | None = None,
+        keys: Any = None,
     ) -> None:
         self.status = status
         self.body = body
@@ -64,6 +85,8 @@ class Admission:
         self.path = path
         self.fault = fault
         self.unknown_kid = unknown_kid
+        self.user = user
+        self.keys = keys
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _ADMISSION_FIELDS)
@@ -79,6 +102,7 @@ _ADMISSION_FIELDS = (
     "path",
     "fault",
     "unknown_kid",
+    "user",
 )
 
 
@@ -156,7 +180,30 @@ class InboundEngine:
             elif policy.strict:
                 return Admission(401, _MISSING_IDENTITY, path=changed)
             name = caller.service if caller is not None else None
-            decision = policy.authorizer.decide(name, method, path, headers)
+            user: EndUser | None = None
+            end_users = policy.end_users
+            if end_users is not None:
+                found = end_users.token_in(headers)
+                if found is not None:
+                    try:
+                        user = end_users.verify(found[0], found[1])
+                    except UnknownUserSigningKey as exc:
+                        return Admission(
+                            401,
+                            error_body("unauthenticated", exc.reason),
+                            path=changed,
+                            unknown_kid=exc.kid,
+                            keys=exc.keys,
+                        )
+                    except EndUserKeysUnavailable as exc:
+                        return Admission(
+                            503, error_body("mesh_unavailable", exc.reason), path=changed
+                        )
+                    except IdentityError as exc:
+                        return Admission(
+                            401, error_body("unauthenticated", exc.reason), path=changed
+                        )
+            decision = policy.authorizer.decide(name, method, path, headers, user)
             metrics.note_decision(decision.labels)
             if not decision.allowed:
                 _record_denial(policy.service, decision, name, method, path)
@@ -170,7 +217,7 @@ class InboundEngine:
                 )
             if decision.audit:
                 _record_denial(policy.service, decision, name, method, path)
-            admission = Admission(None, b"", caller, decision, 0.0, changed)
+            admission = Admission(None, b"", caller, decision, 0.0, changed, user=user)
             if not policy.faults:
                 return admission
             return self._faults(policy, admission, name, method, path, headers)

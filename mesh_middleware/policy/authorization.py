@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
 
@@ -17,6 +18,9 @@ from mesh_middleware.policy.conditions import Conditions
 from mesh_middleware.policy.loader import LoadedPolicy
 from mesh_middleware.policy.patterns import StringMatcher
 from mesh_middleware.policy.schema import Rule
+
+if TYPE_CHECKING:
+    from mesh_middleware.identity.end_user import EndUser
 
 __all__ = ["AuthorizationDecision", "Authorizer", "CompiledRule"]
 
@@ -66,7 +70,8 @@ _MAX_CACHED_PATH = 256
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What is left to decide once caller, method and path are known: the rules whose header
-    conditions must still be checked, in evaluation order, and the decision if none holds."""
+    or end-user conditions must still be checked, in evaluation order, and the decision if
+    none holds."""
 
     checks: tuple[CompiledRule, ...]
     otherwise: AuthorizationDecision
@@ -172,7 +177,7 @@ class _RuleIndex:
 
     def shortlist(self, caller: str | None, method: str, path: str) -> tuple[CompiledRule, ...]:
         """The rules whose caller, method and path conditions hold, in file order, up to and
-        including the first one without header conditions (no later rule can win after it)."""
+        including the first one without per-request conditions (no later rule can win after it)."""
         rules = self.rules
         matching: set[int] = set()
         for bucket in self._buckets(caller, method, path):
@@ -184,12 +189,17 @@ class _RuleIndex:
         shortlist = []
         for index in sorted(matching):
             shortlist.append(rules[index])
-            if not rules[index].conditions.headers:
+            if not rules[index].conditions.per_request:
                 break
         return tuple(shortlist)
 
     def first_match(
-        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        user: EndUser | None = None,
     ) -> CompiledRule | None:
         """The matching rule that comes first in the file, or ``None``."""
         rules = self.rules
@@ -199,7 +209,7 @@ class _RuleIndex:
             for index in bucket:
                 if index >= best:
                     break
-                if rules[index].conditions.holds(caller, method, path, headers):
+                if rules[index].conditions.holds(caller, method, path, headers, user):
                     best = index
                     break
         return rules[best] if best < len(rules) else None
@@ -234,6 +244,7 @@ class Authorizer:
         "deny",
         "rules",
         "uses_headers",
+        "uses_users",
     )
 
     def __init__(self, loaded: LoadedPolicy) -> None:
@@ -256,6 +267,7 @@ class Authorizer:
         allow_rules = [r for r in self.rules if r.action == "allow"]
         self.allow = _RuleIndex(allow_rules) if allow_rules else None
         self.uses_headers = any(r.conditions.uses_headers for r in self.rules)
+        self.uses_users = any(r.conditions.uses_user for r in self.rules)
         self._plans: dict[tuple[str | None, str, str], _Plan] = {}
         service = loaded.policy.service
         self.default_allow = _decision(
@@ -299,17 +311,27 @@ class Authorizer:
             paths=rule.paths,
             not_paths=rule.not_paths,
             headers=rule.headers,
+            users=rule.users,
+            not_users=rule.not_users,
+            claims=rule.claims,
+            not_claims=rule.not_claims,
         )
         return CompiledRule(position, rule.name, rule.action, line, conditions, decision)
 
     def decide(
-        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        user: EndUser | None = None,
     ) -> AuthorizationDecision:
-        """Decide one request; ``caller`` is a service name, or ``None`` when anonymous.
+        """Decide one request; ``caller`` is a service name, or ``None`` when anonymous;
+        ``user`` the verified end user, or ``None`` when anonymous.
 
         ``path`` must already be normalized (:func:`~mesh_middleware.policy.paths.normalize_path`).
         What caller, method and path settle is planned once per such triple (a bounded cache);
-        only header conditions are evaluated per request.
+        only header and end-user conditions are evaluated per request.
         """
         key = (caller, method, path)
         plan = self._plans.get(key)
@@ -321,11 +343,11 @@ class Authorizer:
                 self._plans[key] = plan
         decision = plan.otherwise
         for rule in plan.checks:
-            if rule.conditions.headers_hold(headers):
+            if rule.conditions.request_holds(headers, user):
                 decision = rule.decision
                 break
         if self.audited is not None and decision.allowed and not decision.audit:
-            return self._note_audited(decision, caller, method, path, headers)
+            return self._note_audited(decision, caller, method, path, headers, user)
         return decision
 
     def _note_audited(
@@ -335,44 +357,55 @@ class Authorizer:
         method: str,
         path: str,
         headers: Mapping[str, str],
+        user: EndUser | None = None,
     ) -> AuthorizationDecision:
         """An allowed request that a deny rule in audit mode would have denied: that rule's
         (audit) decision, which lets it through all the same."""
         assert self.audited is not None
-        noted = self.audited.first_match(caller, method, path, headers)
+        noted = self.audited.first_match(caller, method, path, headers, user)
         return noted.decision if noted is not None else decision
 
     def _plan(self, caller: str | None, method: str, path: str) -> _Plan:
         checks: list[CompiledRule] = []
         for rule in self.deny.shortlist(caller, method, path):
-            if not rule.conditions.headers:
+            if not rule.conditions.per_request:
                 return _Plan(tuple(checks), rule.decision)
             checks.append(rule)
         if self.allow is None:
             return _Plan(tuple(checks), self.default_allow)
         for rule in self.allow.shortlist(caller, method, path):
-            if not rule.conditions.headers:
+            if not rule.conditions.per_request:
                 return _Plan(tuple(checks), rule.decision)
             checks.append(rule)
         return _Plan(tuple(checks), self.default_deny)
 
     def decide_uncached(
-        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        user: EndUser | None = None,
     ) -> AuthorizationDecision:
         """:meth:`decide` without the plan cache: every rule index consulted afresh."""
-        decision = self._decide_uncached(caller, method, path, headers)
+        decision = self._decide_uncached(caller, method, path, headers, user)
         if self.audited is not None and decision.allowed and not decision.audit:
-            return self._note_audited(decision, caller, method, path, headers)
+            return self._note_audited(decision, caller, method, path, headers, user)
         return decision
 
     def _decide_uncached(
-        self, caller: str | None, method: str, path: str, headers: Mapping[str, str]
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        user: EndUser | None = None,
     ) -> AuthorizationDecision:
         if self.deny.rules:
-            denied = self.deny.first_match(caller, method, path, headers)
+            denied = self.deny.first_match(caller, method, path, headers, user)
             if denied is not None:
                 return denied.decision
         if self.allow is None:
             return self.default_allow
-        allowed = self.allow.first_match(caller, method, path, headers)
+        allowed = self.allow.first_match(caller, method, path, headers, user)
         return allowed.decision if allowed is not None else self.default_deny

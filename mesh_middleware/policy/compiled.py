@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh_middleware.identity.end_user import EndUserAuthentication
 from mesh_middleware.policy.authorization import Authorizer
 from mesh_middleware.policy.faults import CompiledFault, compile_faults
 from mesh_middleware.policy.loader import LoadedPolicy, load_policy, parse_policy
@@ -25,6 +26,10 @@ class CompiledPolicy:
     authorizer: Authorizer
     faults: tuple[CompiledFault, ...]
     uses_headers: bool
+    end_users: EndUserAuthentication | None = None
+    """End-user authentication, when the policy has ``inbound.end_users``."""
+    forwarded_from: StringMatcher | None = None
+    """The services whose forwarded end users are taken."""
 
     @property
     def source(self) -> str:
@@ -49,6 +54,12 @@ def compile_policy(loaded: LoadedPolicy) -> CompiledPolicy:
         authorizer=authorizer,
         faults=faults,
         uses_headers=authorizer.uses_headers or any(f.conditions.uses_headers for f in faults),
+        end_users=EndUserAuthentication(inbound.end_users) if inbound.end_users else None,
+        forwarded_from=(
+            StringMatcher(inbound.end_users.forwarded_from)
+            if inbound.end_users and inbound.end_users.forwarded_from
+            else None
+        ),
     )
 
 

@@ -3,14 +3,21 @@
 Within a condition set all given fields must hold (AND); the values of one field are
 alternatives (OR); ``not_*`` fields exclude. Callers are service names, ``None`` for an
 anonymous caller; ``anonymous`` in a ``from`` list names that caller, ``*`` any authenticated one.
+End users are matched the same way by their principal (``iss/sub``), ``None`` when anonymous,
+and by their token's claims.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+from mesh_middleware.policy.claims import ClaimMatcher
 from mesh_middleware.policy.patterns import StringMatcher
 from mesh_middleware.policy.schema import HeaderCondition
+
+if TYPE_CHECKING:
+    from mesh_middleware.identity.end_user import EndUser
 
 __all__ = ["ANONYMOUS", "CallerMatcher", "Conditions", "HeaderMatcher"]
 
@@ -57,13 +64,17 @@ class Conditions:
     """A compiled set of conditions on caller, method, path and headers."""
 
     __slots__ = (
+        "claims",
         "from_",
         "headers",
         "methods",
         "not_from",
         "not_methods",
         "not_paths",
+        "not_users",
         "paths",
+        "per_request",
+        "users",
     )
 
     def __init__(
@@ -76,6 +87,10 @@ class Conditions:
         paths: list[str] | None = None,
         not_paths: list[str] | None = None,
         headers: Mapping[str, HeaderCondition] | None = None,
+        users: list[str] | None = None,
+        not_users: list[str] | None = None,
+        claims: Mapping[str, list[str]] | None = None,
+        not_claims: Mapping[str, list[str]] | None = None,
     ) -> None:
         self.from_ = CallerMatcher(from_) if from_ else None
         self.not_from = CallerMatcher(not_from) if not_from else None
@@ -84,14 +99,58 @@ class Conditions:
         self.paths = StringMatcher(paths) if paths else None
         self.not_paths = StringMatcher(not_paths) if not_paths else None
         self.headers = tuple(HeaderMatcher(n, c) for n, c in (headers or {}).items())
+        self.users = CallerMatcher(users) if users else None
+        self.not_users = CallerMatcher(not_users) if not_users else None
+        self.claims = tuple(ClaimMatcher(k, v) for k, v in (claims or {}).items()) + tuple(
+            ClaimMatcher(k, v, negate=True) for k, v in (not_claims or {}).items()
+        )
+        self.per_request = bool(self.headers) or self.uses_user
+        """Whether the request's headers or end user must be looked at, past caller, method
+        and path."""
 
     @property
     def uses_headers(self) -> bool:
         return bool(self.headers)
 
-    def holds(self, caller: str | None, method: str, path: str, headers: Mapping[str, str]) -> bool:
+    @property
+    def uses_user(self) -> bool:
+        return self.users is not None or self.not_users is not None or bool(self.claims)
+
+    def request_holds(self, headers: Mapping[str, str], user: EndUser | None) -> bool:
+        """Whether the header and end-user conditions hold (true when there are none)."""
+        for header in self.headers:
+            if not header.holds(headers):
+                return False
+        if self.users is not None or self.not_users is not None or self.claims:
+            return self.user_holds(user)
+        return True
+
+    def user_holds(self, user: EndUser | None) -> bool:
+        """Whether the end-user conditions hold for ``user`` (``None``: anonymous)."""
+        principal = user.principal if user is not None else None
+        if self.users is not None and not self.users.matches(principal):
+            return False
+        if self.not_users is not None and self.not_users.matches(principal):
+            return False
+        if self.claims:
+            claims = user.claims if user is not None else None
+            for claim in self.claims:
+                if not claim.holds(claims):
+                    return False
+        return True
+
+    def holds(
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        user: EndUser | None = None,
+    ) -> bool:
         """Whether every given condition holds for this request."""
-        return self.holds_without_headers(caller, method, path) and self.headers_hold(headers)
+        return self.holds_without_headers(caller, method, path) and self.request_holds(
+            headers, user
+        )
 
     def headers_hold(self, headers: Mapping[str, str]) -> bool:
         """Whether every header condition holds (true when there are none)."""

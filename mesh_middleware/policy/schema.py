@@ -6,6 +6,8 @@ validates YAML against them, and the compiler reads only validated models.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +24,7 @@ from pydantic import (
 )
 
 from mesh_middleware.identity.spiffe import SERVICE_NAME
+from mesh_middleware.policy.claims import claim_path_problem
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
 from mesh_middleware.policy.paths import normalized_pattern_problem
 from mesh_middleware.policy.patterns import pattern_problem
@@ -30,14 +33,18 @@ __all__ = [
     "Abort",
     "AuthorizationPolicy",
     "Delay",
+    "EndUserIssuer",
+    "EndUsersPolicy",
     "Fault",
     "FaultMatch",
+    "ForwardUser",
     "HeaderCondition",
     "InboundPolicy",
     "OutboundPolicy",
     "Policy",
     "Rule",
     "Telemetry",
+    "TokenHeader",
     "policy_json_schema",
 ]
 
@@ -137,6 +144,28 @@ class HeaderCondition(_Strict):
 Headers = dict[Annotated[str, AfterValidator(_header_name)], HeaderCondition]
 
 
+def _claim_key(value: str) -> str:
+    problem = claim_path_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+ClaimKey = Annotated[str, AfterValidator(_claim_key)]
+
+
+def _one_or_many(value: Any) -> Any:
+    # `claims: {iss: "https://idp"}`: one value needs no list.
+    return [value] if isinstance(value, str) else value
+
+
+ClaimValues = Annotated[
+    list[Pattern], BeforeValidator(_one_or_many), Field(min_length=1, max_length=256)
+]
+Claims = dict[ClaimKey, ClaimValues]
+"""End-user claim conditions: claim (``groups``, ``[outer][inner]``) → any-of patterns."""
+
+
 class Rule(_Strict):
     """An authorization rule; all given fields must hold, values in a list are alternatives."""
 
@@ -149,6 +178,10 @@ class Rule(_Strict):
     paths: list[PathPattern] = Field(default_factory=list)
     not_paths: list[PathPattern] = Field(default_factory=list)
     headers: Headers = Field(default_factory=dict)
+    users: list[Pattern] = Field(default_factory=list)
+    not_users: list[Pattern] = Field(default_factory=list)
+    claims: Claims = Field(default_factory=dict)
+    not_claims: Claims = Field(default_factory=dict)
     mode: Literal["enforce", "audit"] | None = None
 
     @model_validator(mode="after")
@@ -208,6 +241,153 @@ def _mtls_mode(value: Any) -> Any:
     return "off" if value is False else value
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        # Keys fetched in plaintext could be swapped on the way: https, but for this machine.
+        raise ValueError(f"{value!r}: keys are fetched over https (plain http only on loopback)")
+    return value
+
+
+KeyUrl = Annotated[str, AfterValidator(_key_url)]
+
+JwtAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+"""Asymmetric JWS algorithms only: ``none`` and HMAC can never verify an end-user token."""
+
+DEFAULT_JWT_ALGORITHMS: tuple[str, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+
+def _skew(value: Any) -> float:
+    if value in ("0", "0s", 0):
+        return 0.0
+    seconds = _duration(value)
+    if seconds > 600:
+        raise ValueError(f"clock skew is at most 10m, got {value!r}")
+    return seconds
+
+
+ClockSkew = Annotated[
+    float,
+    BeforeValidator(_skew),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["60s"]}),
+]
+
+
+def _inline_jwks(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("'jwks' is a JWKS document (JSON text or a mapping)") from None
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
+        raise ValueError("'jwks' is a JWKS document: an object with a 'keys' list")
+    return value
+
+
+class TokenHeader(_Strict):
+    """A header an end-user token is read from, after ``prefix`` (``Bearer ``)."""
+
+    name: Annotated[str, AfterValidator(_header_name)]
+    prefix: Annotated[str, Field(max_length=64)] = ""
+
+
+_COOKIE_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+
+
+class EndUserIssuer(_Strict):
+    """An OpenID Connect issuer whose tokens name end users (Istio's ``jwtRules`` entry).
+
+    Keys come from ``jwks`` (inline), ``jwks_uri``, or else the issuer's OIDC discovery
+    document. Tokens are read from ``from_headers`` and ``from_cookies``; with neither, from
+    ``Authorization: Bearer``.
+    """
+
+    issuer: Annotated[str, Field(min_length=1, max_length=512)]
+    jwks_uri: KeyUrl | None = None
+    jwks: Annotated[dict[str, Any], BeforeValidator(_inline_jwks)] | None = None
+    audiences: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+        default_factory=list
+    )
+    from_headers: list[TokenHeader] = Field(default_factory=list)
+    from_cookies: list[Annotated[str, Field(pattern=_COOKIE_NAME, max_length=128)]] = Field(
+        default_factory=list
+    )
+    algorithms: Annotated[list[JwtAlgorithm], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_JWT_ALGORITHMS)
+    )
+    clock_skew: ClockSkew = 60.0
+
+    @model_validator(mode="after")
+    def _where_keys_come_from(self) -> EndUserIssuer:
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("give 'jwks' or 'jwks_uri', not both")
+        if self.jwks is None and self.jwks_uri is None:
+            try:
+                _key_url(self.issuer)
+            except ValueError as exc:
+                raise ValueError(
+                    f"without 'jwks_uri' or 'jwks' the keys are found by OIDC discovery, "
+                    f"so the issuer must be an https URL: {exc}"
+                ) from None
+        return self
+
+    @property
+    def locations(self) -> list[TokenHeader]:
+        """The headers tokens are read from (the default when none are given)."""
+        if self.from_headers or self.from_cookies:
+            return list(self.from_headers)
+        return [TokenHeader(name="authorization", prefix="Bearer ")]
+
+
+class EndUsersPolicy(_Strict):
+    """End-user authentication (Istio's RequestAuthentication): who may sign user tokens.
+
+    A request with an invalid token is refused (401); one without a token goes on as an
+    anonymous user, which rules may allow or refuse. ``forwarded_from`` names the services
+    whose forwarded users (signed by the mesh, see ``outbound.forward_user``) are taken.
+    """
+
+    issuers: list[EndUserIssuer] = Field(default_factory=list)
+    forwarded_from: list[Pattern] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _issuers_once(self) -> EndUsersPolicy:
+        seen: set[str] = set()
+        for entry in self.issuers:
+            if entry.issuer in seen:
+                raise ValueError(f"issuer {entry.issuer!r} is listed twice")
+            seen.add(entry.issuer)
+        return self
+
+
 class InboundPolicy(_Strict):
     """What the inbound middleware enforces."""
 
@@ -219,6 +399,7 @@ class InboundPolicy(_Strict):
         "permissive"
     )
     public: list[PathPattern] = Field(default_factory=list)
+    end_users: EndUsersPolicy | None = None
     authorization: AuthorizationPolicy = Field(default_factory=AuthorizationPolicy)
     faults: list[Fault] = Field(default_factory=list)
 
@@ -379,11 +560,28 @@ class OutboundDefaults(_Strict):
     trace_context_to_external_hosts: bool = True
 
 
+def _top_level_claim(value: str) -> str:
+    if not value or "[" in value or "]" in value:
+        raise ValueError(f"{value!r}: name a top-level claim (its whole value is forwarded)")
+    return value
+
+
+class ForwardUser(_Strict):
+    """Forward the verified end user to the services in ``to``, signed by this service's
+    mesh identity; ``claims`` are the claims carried besides ``iss`` and ``sub``."""
+
+    to: Annotated[list[Pattern], Field(min_length=1)] = Field(default_factory=lambda: ["*"])
+    claims: list[Annotated[str, AfterValidator(_top_level_claim)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
 class OutboundPolicy(_Strict):
     """What the outbound client adapter applies."""
 
     defaults: OutboundDefaults = Field(default_factory=OutboundDefaults)
     services: dict[ServiceName, DestinationPolicy] = Field(default_factory=dict)
+    forward_user: ForwardUser | None = None
 
 
 # --- telemetry: what the middleware and the clients record, and where they serve it ---
@@ -440,6 +638,23 @@ class Policy(_Strict):
     inbound: InboundPolicy = Field(default_factory=InboundPolicy)
     outbound: OutboundPolicy = Field(default_factory=OutboundPolicy)
     telemetry: Telemetry = Field(default_factory=Telemetry)
+
+    @model_validator(mode="after")
+    def _end_users_for_user_rules(self) -> Policy:
+        if self.inbound.end_users is not None:
+            return self
+        for rule in self.inbound.authorization.rules:
+            named = [
+                word
+                for word in ("users", "not_users", "claims", "not_claims")
+                if getattr(rule, word) and not (word == "users" and rule.users == ["anonymous"])
+            ]
+            if named:
+                raise ValueError(
+                    f"rule {rule.name!r} has {', '.join(named)} but the policy has no "
+                    "inbound.end_users: every request would be an anonymous user"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:

@@ -17,6 +17,7 @@ import structlog
 
 from mesh_middleware import defaults
 from mesh_middleware.discovery.catalog import Discovery
+from mesh_middleware.identity.end_user import EndUserKeyring
 from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import service_id
 from mesh_middleware.identity.verifier import TokenVerifier
@@ -107,6 +108,8 @@ class Mesh:
         self.registry_url = registry_url or None
         self._keys_from_registry = self.registry_url is not None and jwks is None
         self._export: tuple[str | None, str | None] = (None, None)  # OTLP endpoint, service
+        self.end_user_keys = EndUserKeyring()
+        """The keys of the end-user issuers the policy names, fetched in the background."""
         self._install(compiled)
         self.keys = KeyStore(jwks)
         keys_loaded = jwks is not None and self.keys.refresh()
@@ -168,7 +171,7 @@ class Mesh:
             self.tls = self.certificates.contexts
         self._loop = (
             BackgroundLoop("mesh-background", poll_interval, self._tick)
-            if watch or self._link is not None
+            if watch or self._link is not None or compiled.end_users is not None
             else None
         )
         self.discovery = Discovery(
@@ -263,6 +266,9 @@ class Mesh:
             loaded = compiled.loaded
             policy = loaded.policy.model_copy(update={"version": version})
             compiled = compile_policy(dataclasses.replace(loaded, policy=policy))
+        if compiled.end_users is not None:
+            # Issuers the last policy named keep their keys; new ones are fetched at once.
+            compiled.end_users.bind(self.end_user_keys)
         # One attribute holds the policy and the audience derived from it, so a request never
         # sees a new policy with an old audience.
         self._state = (compiled, service_id(compiled.service, self.trust_domain))
@@ -499,6 +505,7 @@ class Mesh:
             self.certificates.tick()
         elif self.tls is not None:
             self.tls.reload_if_changed()
+        self.end_user_keys.tick()
         if self.keys.source is None or self._keys_from_registry:
             return
         if self.keys.is_url:

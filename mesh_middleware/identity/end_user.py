@@ -1,0 +1,407 @@
+"""End users: tokens from OpenID Connect issuers, verified locally with cached keys.
+
+The same checks as for mesh identity tokens, with the algorithms and audiences the policy
+names for each issuer: the header is read before any key is touched (``alg`` must be one the
+issuer allows, all asymmetric; ``jwk``/``jku``/``x5u``/``x5c``/``crit`` are refused), the
+``iss`` must be a configured issuer, the signature must verify with that issuer's key, and
+``exp`` (required), ``nbf`` and ``iat`` must hold within the issuer's clock skew, and ``aud``
+must name an accepted audience when the issuer lists any. Verified tokens are remembered in a
+bounded cache until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from types import MappingProxyType
+from typing import Any
+
+from joserfc import errors as jose_errors
+from joserfc import jwt
+from joserfc.jwk import Key
+from mypy_extensions import mypyc_attr
+
+from mesh_middleware import defaults
+from mesh_middleware.errors import IdentityError, RequestError, UnknownSigningKey
+from mesh_middleware.identity.oidc import IssuerKeys, parse_issuer_jwks
+from mesh_middleware.identity.tokens import FORBIDDEN_HEADER_PARAMETERS
+from mesh_middleware.policy.schema import EndUserIssuer, EndUsersPolicy
+
+__all__ = [
+    "EndUser",
+    "EndUserAuthentication",
+    "EndUserKeyring",
+    "EndUserKeysUnavailable",
+    "UnknownUserSigningKey",
+]
+
+MAX_USER_TOKEN_BYTES = 16 * 1024
+_MAX_KEYS_TRIED = 8
+
+
+@mypyc_attr(native_class=False)  # public: a native class would lose its docstring
+@dataclass(frozen=True, slots=True)
+class EndUser:
+    """A verified end user: the token's issuer and subject, and its claims (read-only).
+
+    ``principal`` is ``iss/sub``, what ``users`` conditions match (Istio's request principal).
+    ``forwarded_by`` names the mesh service that forwarded this user, when it came that way
+    rather than with the provider's own token.
+    """
+
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any] = field(repr=False)
+    expires_at: float
+    forwarded_by: str | None = None
+    principal: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "principal", f"{self.issuer}/{self.subject}")
+
+
+class UnknownUserSigningKey(UnknownSigningKey):
+    """An end-user token names a key its issuer's key set lacks; ``keys`` may find it."""
+
+    def __init__(self, kid: str, keys: IssuerKeys) -> None:
+        super().__init__(kid)
+        self.keys = keys
+        self.reason = f"end-user token signed with unknown key {kid!r}"
+
+
+class EndUserKeysUnavailable(IdentityError):
+    """No key of the token's issuer has ever been fetched: the request cannot be judged (503)."""
+
+
+class EndUserKeyring:
+    """The key sets of every issuer a Mesh's policies name, kept across policy reloads."""
+
+    def __init__(self, *, fetch_timeout: float = defaults.JWKS_FETCH_TIMEOUT_SECONDS) -> None:
+        self._stores: dict[tuple[str, str | None, str | None], IssuerKeys] = {}
+        self._fetch_timeout = fetch_timeout
+        self._due: dict[tuple[str, str | None, str | None], float] = {}
+        self._failures: dict[tuple[str, str | None, str | None], int] = {}
+
+    def keys_for(self, spec: EndUserIssuer) -> IssuerKeys:
+        """The key set for ``spec``: the one held already, or a new one fetched at once."""
+        inline = json.dumps(spec.jwks, sort_keys=True) if spec.jwks is not None else None
+        key = (spec.issuer, spec.jwks_uri, inline)
+        store = self._stores.get(key)
+        if store is None:
+            if spec.jwks is not None:
+                store = IssuerKeys(spec.issuer, keys=parse_issuer_jwks(spec.jwks))
+            else:
+                store = IssuerKeys(
+                    spec.issuer, jwks_uri=spec.jwks_uri, fetch_timeout=self._fetch_timeout
+                )
+                future = store.fetch_in_background()
+                self._due[key] = float("inf")
+                if future is not None:
+                    future.add_done_callback(partial(self._fetched, key))
+            self._stores[key] = store
+        return store
+
+    def stores(self) -> list[IssuerKeys]:
+        return list(self._stores.values())
+
+    def tick(self, now: float | None = None) -> None:
+        """Start refreshes of the key sets that are due, each in its own thread (never blocks).
+
+        A failed refresh keeps the last good keys and is tried again soon, then less often
+        (5 s doubling to 60 s); a good one is repeated every 5 minutes (jittered).
+        """
+        now = time.monotonic() if now is None else now
+        for key, store in list(self._stores.items()):
+            if store.source is None or now < self._due.get(key, 0.0):
+                continue
+            future = store.fetch_in_background()
+            if future is None:
+                continue
+            self._due[key] = float("inf")  # until this fetch ends
+            future.add_done_callback(partial(self._fetched, key))
+
+    def _fetched(self, key: tuple[str, str | None, str | None], future: Future[bool]) -> None:
+        now = time.monotonic()
+        if not future.exception() and future.result():
+            self._failures.pop(key, None)
+            self._due[key] = now + defaults.JWKS_REFRESH_SECONDS * _jitter()
+            return
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        self._due[key] = now + min(60.0, 5.0 * 2 ** (failures - 1)) * _jitter()
+
+
+def _jitter() -> float:
+    return random.uniform(0.9, 1.1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    spec: EndUserIssuer
+    keys: IssuerKeys | None
+    algorithms: frozenset[str]
+    audiences: frozenset[str]
+    headers: frozenset[tuple[str, str]]
+    cookies: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Location:
+    header: str  # lower-case header name, or "cookie"
+    prefix: str
+    cookie: str | None = None
+
+
+class EndUserAuthentication:
+    """Finds and verifies end-user tokens for one policy's ``inbound.end_users``.
+
+    :meth:`bind` gives it key sets (a :class:`EndUserKeyring`); unbound, any token is refused
+    as unverifiable (503), as the keys cannot be known.
+    """
+
+    def __init__(
+        self,
+        settings: EndUsersPolicy,
+        *,
+        cache_size: int = defaults.TOKEN_CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.cache_size = cache_size
+        self._clock = clock
+        self._cache: dict[str, EndUser] = {}
+        self._epoch = 0
+        self._issuers: dict[str, _Issuer] = {
+            spec.issuer: _issuer(spec, None) for spec in settings.issuers
+        }
+        locations: list[_Location] = []
+        for spec in settings.issuers:
+            for header in spec.locations:
+                locations.append(_Location(header.name, header.prefix))
+            for cookie in spec.from_cookies:
+                locations.append(_Location("cookie", "", cookie))
+        self.locations = tuple(dict.fromkeys(locations))
+
+    @property
+    def issuers(self) -> list[str]:
+        return list(self._issuers)
+
+    def bind(self, keyring: EndUserKeyring) -> None:
+        """Take each issuer's key set from ``keyring`` (fetching new ones in the background)."""
+        issuers = {
+            spec.issuer: _issuer(spec, keyring.keys_for(spec)) for spec in self.settings.issuers
+        }
+        for issuer in issuers.values():
+            assert issuer.keys is not None
+            if self.clear_cache not in issuer.keys.listeners:
+                issuer.keys.listeners.append(self.clear_cache)
+        self._issuers = issuers
+        self._cache = {}
+
+    def clear_cache(self) -> None:
+        """Forget every verified token (an issuer's key set changed)."""
+        self._epoch += 1
+        self._cache = {}
+
+    def token_in(self, headers: Mapping[str, str]) -> tuple[str, _Location] | None:
+        """The end-user token the request carries, and where; ``None`` when it has none.
+
+        Raises :class:`RequestError` when several locations carry different tokens.
+        """
+        found: tuple[str, _Location] | None = None
+        for location in self.locations:
+            raw = headers.get(location.header)
+            if raw is None:
+                continue
+            token = (
+                _cookie(raw, location.cookie)
+                if location.cookie
+                else _after_prefix(raw, location.prefix)
+            )
+            if token is None:
+                continue
+            if found is not None and found[0] != token:
+                raise RequestError("the request carries more than one end-user token")
+            if found is None:
+                found = (token, location)
+        return found
+
+    def verify(self, token: str, location: _Location | None = None) -> EndUser:
+        """The end user ``token`` names, or raise :class:`IdentityError` saying why not."""
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            issuer = self._issuers.get(cached.issuer)
+            if issuer is None or not _accepts(issuer, location):
+                raise IdentityError("end-user token is not accepted where it was sent")
+            if now >= cached.expires_at + issuer.spec.clock_skew:
+                self._cache.pop(token, None)
+                raise IdentityError("end-user token expired")
+            return cached
+        epoch = self._epoch
+        user = self._verify_uncached(token, location, now)
+        if self._epoch != epoch:
+            # A key set changed while we verified: the key used may be gone. Decide again.
+            return self._verify_uncached(token, location, now)
+        cache = self._cache
+        if len(cache) >= self.cache_size:
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
+                del cache[next(iter(cache))]
+        cache[token] = user
+        return user
+
+    def _verify_uncached(self, token: str, location: _Location | None, now: float) -> EndUser:
+        if len(token) > MAX_USER_TOKEN_BYTES:
+            raise IdentityError("end-user token is too large")
+        header, payload = _segments(token)
+        iss = payload.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise IdentityError("end-user token issuer is not trusted here")
+        if not _accepts(issuer, location):
+            raise IdentityError("end-user token is not accepted where it was sent")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in issuer.algorithms:
+            raise IdentityError(f"end-user token algorithm {alg!r} is not accepted")
+        forbidden = FORBIDDEN_HEADER_PARAMETERS.intersection(header)
+        if forbidden:
+            raise IdentityError(f"end-user token header may not carry {sorted(forbidden)}")
+        keys = issuer.keys
+        if keys is None or not keys.loaded:
+            if keys is not None:
+                keys.fetch_in_background()
+            raise EndUserKeysUnavailable(
+                f"the keys of issuer {issuer.spec.issuer!r} are not available yet"
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise IdentityError("end-user token key id (kid) is not a string")
+        if kid:
+            key = keys.get(kid)
+            if key is None:
+                raise UnknownUserSigningKey(kid, keys)
+            candidates = [key]
+        else:
+            candidates = keys.all()[:_MAX_KEYS_TRIED]
+        claims = _decode(token, candidates, alg)
+        _check_claims(claims, issuer, now)
+        expires = float(claims["exp"])
+        return EndUser(
+            issuer=issuer.spec.issuer,
+            subject=claims["sub"],
+            claims=MappingProxyType(claims),
+            expires_at=expires,
+        )
+
+
+def _issuer(spec: EndUserIssuer, keys: IssuerKeys | None) -> _Issuer:
+    return _Issuer(
+        spec=spec,
+        keys=keys,
+        algorithms=frozenset(spec.algorithms),
+        audiences=frozenset(spec.audiences),
+        headers=frozenset((h.name, h.prefix) for h in spec.locations),
+        cookies=frozenset(spec.from_cookies),
+    )
+
+
+def _accepts(issuer: _Issuer, location: _Location | None) -> bool:
+    if location is None:
+        return True
+    if location.cookie is not None:
+        return location.cookie in issuer.cookies
+    return (location.header, location.prefix) in issuer.headers
+
+
+def _after_prefix(raw: str, prefix: str) -> str | None:
+    if not prefix:
+        token = raw.strip()
+    elif raw[: len(prefix)].lower() == prefix.lower():  # "bearer " as Envoy: any case
+        token = raw[len(prefix) :].strip()
+    else:
+        return None
+    return token or None
+
+
+def _cookie(raw: str, name: str | None) -> str | None:
+    for part in raw.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"') or None
+    return None
+
+
+def _b64json(segment: str, what: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise IdentityError(f"end-user token {what} is malformed") from None
+    if not isinstance(value, dict):
+        raise IdentityError(f"end-user token {what} is malformed")
+    return value
+
+
+def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise IdentityError("end-user token is not a compact JWS")
+    return _b64json(parts[0], "header"), _b64json(parts[1], "payload")
+
+
+def _decode(token: str, candidates: Iterable[Key], alg: str) -> dict[str, Any]:
+    bad_signature = False
+    for key in candidates:
+        try:
+            with warnings.catch_warnings():
+                # joserfc warns that RFC 9864 deprecates the name EdDSA; it is still Ed25519.
+                warnings.simplefilter("ignore")
+                decoded = jwt.decode(token, key, algorithms=[alg])
+        except jose_errors.BadSignatureError:
+            bad_signature = True
+            continue
+        except (jose_errors.JoseError, ValueError, TypeError):
+            # A key of the wrong type for `alg` (an RSA key for ES256, say) lands here too.
+            continue
+        if not isinstance(decoded.claims, dict):
+            raise IdentityError("end-user token claims are not an object")
+        return decoded.claims
+    if bad_signature:
+        raise IdentityError("end-user token signature is invalid")
+    raise IdentityError("end-user token does not verify with its issuer's keys")
+
+
+def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
+    options: dict[str, Any] = {"iss": {"essential": True, "value": issuer.spec.issuer}}
+    options["sub"] = {"essential": True}
+    options["exp"] = {"essential": True}
+    if issuer.audiences:
+        options["aud"] = {"essential": True, "values": sorted(issuer.audiences)}
+    registry = jwt.JWTClaimsRegistry(now=int(now), leeway=int(issuer.spec.clock_skew), **options)
+    try:
+        registry.validate(claims)
+    except jose_errors.ExpiredTokenError:
+        raise IdentityError("end-user token expired") from None
+    except jose_errors.MissingClaimError as exc:
+        raise IdentityError(f"end-user token lacks required claims: {exc.description}") from None
+    except jose_errors.InvalidClaimError as exc:
+        claim = exc.claim
+        if claim == "aud":
+            raise IdentityError("end-user token is for another audience") from None
+        if claim in {"nbf", "iat"}:
+            raise IdentityError("end-user token is not valid yet") from None
+        raise IdentityError(f"end-user token claim {claim!r} is invalid") from None
+    except jose_errors.JoseError:
+        raise IdentityError("end-user token claims are invalid") from None
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise IdentityError("end-user token subject (sub) is not a string")
+    if not isinstance(claims.get("exp"), int | float) or isinstance(claims.get("exp"), bool):
+        raise IdentityError("end-user token expiry (exp) is not a number")
