@@ -22,7 +22,7 @@ from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body
 from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
-from mesh_middleware.runtime.context import current_deadline, deadline_from_header
+from mesh_middleware.runtime.context import current_deadline, current_user, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
@@ -331,17 +331,24 @@ class MeshMiddleware:
                 scope["path"] = (root if raw_root else "") + unquote(admission.path)
                 scope["raw_path"] = (raw_root + admission.path).encode("latin-1")
             scope[CALLER_SCOPE_KEY] = caller
-            scope[USER_SCOPE_KEY] = admission.user
-            if deadline is None:
+            user = admission.user
+            scope[USER_SCOPE_KEY] = user
+            if deadline is None and user is None:
                 await self.app(scope, receive, answer.send)
                 return
-            # Outbound calls made while serving this request never outlive its caller.
-            deadline_token = current_deadline.set(deadline)
-            scope[DEADLINE_SCOPE_KEY] = deadline
+            # Outbound calls made while serving this request never outlive its caller, and
+            # may forward its end user.
+            deadline_token = current_deadline.set(deadline) if deadline is not None else None
+            user_token = current_user.set(user) if user is not None else None
+            if deadline is not None:
+                scope[DEADLINE_SCOPE_KEY] = deadline
             try:
                 await self.app(scope, receive, answer.send)
             finally:
-                current_deadline.reset(deadline_token)
+                if user_token is not None:
+                    current_user.reset(user_token)
+                if deadline_token is not None:
+                    current_deadline.reset(deadline_token)
         finally:
             telemetry.leave(record)  # the request's trace is no longer current
             # The route the app matched, as its template (`/items/{item}`), never the raw

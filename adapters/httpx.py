@@ -58,6 +58,7 @@ __all__ = [
 
 
 _IDENTITY = defaults.IDENTITY_HEADER.encode("latin-1")
+_FORWARDED_USER = defaults.FORWARDED_USER_HEADER.encode("latin-1")
 _DEADLINE = defaults.DEADLINE_HEADER.encode("latin-1")
 _MESH_ONLY = frozenset((_IDENTITY, _DEADLINE))
 _SHADOW = defaults.SHADOW_HEADER
@@ -508,9 +509,13 @@ class _Plane:
         return shadow
 
 
-def _identity(request: httpx.Request, token: str | None) -> None:
-    if token is not None:
-        set_header(request.headers, _IDENTITY, token, keep=True)
+def _identity(request: httpx.Request, token: str | None, mesh: Mesh, service: str) -> None:
+    if token is None:
+        return
+    set_header(request.headers, _IDENTITY, token, keep=True)
+    user = mesh.forwarded_user(service)
+    if user is not None:
+        set_header(request.headers, _FORWARDED_USER, user, keep=True)
 
 
 # -- async --------------------------------------------------------------------------------
@@ -560,7 +565,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             token = mesh.cached_identity_token(destination.service)
             if token is None and mesh.registry_url is not None:
                 token = await anyio.to_thread.run_sync(mesh.identity_token, destination.service)
-            _identity(request, token)
+            _identity(request, token, mesh, destination.service)
             if mtls.certificate_due(mesh, call.endpoint_set):
                 await anyio.to_thread.run_sync(mesh.client_tls)
             shadow = plane.shadow(call, request)
@@ -673,7 +678,7 @@ class MeshTransport(httpx.BaseTransport):
                     min(_FIRST_WAIT, call.remaining(time.monotonic()))
                 )
             mesh = self.mesh
-            _identity(request, mesh.identity_token(destination.service))
+            _identity(request, mesh.identity_token(destination.service), mesh, destination.service)
             if mtls.certificate_due(mesh, call.endpoint_set):
                 mesh.client_tls()
             shadow = plane.shadow(call, request)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["MeshAdapter", "mesh_session"]
 
 _IDENTITY = defaults.IDENTITY_HEADER
+_FORWARDED_USER = defaults.FORWARDED_USER_HEADER
 _DEADLINE = defaults.DEADLINE_HEADER
 _FIRST_WAIT = defaults.DISCOVERY_FIRST_WAIT_SECONDS
 _SHADOW = defaults.SHADOW_HEADER
@@ -172,6 +173,10 @@ class MeshAdapter(HTTPAdapter):
             if token is not None and _IDENTITY not in headers:
                 headers[_IDENTITY] = token
                 added.append(_IDENTITY)
+                user = self.mesh.forwarded_user(destination.service)
+                if user is not None and _FORWARDED_USER not in headers:
+                    headers[_FORWARDED_USER] = user
+                    added.append(_FORWARDED_USER)
             own_trace = "traceparent" in headers
             if "Host" not in headers:
                 headers["Host"] = parts.netloc.rpartition("@")[2]  # the service, not the instance

@@ -13,16 +13,16 @@ from mesh_middleware.identity.verifier import CallerIdentity
 from mesh_middleware.inbound.engine import Admission
 from mesh_middleware.inbound.responses import error_body, status_line
 from mesh_middleware.inbound.telemetry import InboundTelemetry, admission_flags
-from mesh_middleware.runtime.context import current_deadline, deadline_from_header
+from mesh_middleware.runtime.context import current_deadline, current_user, deadline_from_header
 from mesh_middleware.runtime.mesh import Mesh, resolve_mesh
 from mesh_middleware.telemetry import metrics
 from mesh_middleware.telemetry.exposition import render_metrics
 
 __all__ = [
     "CALLER_ENVIRON_KEY",
-    "USER_ENVIRON_KEY",
     "DEADLINE_ENVIRON_KEY",
     "PEER_ENVIRON_KEY",
+    "USER_ENVIRON_KEY",
     "MeshWSGIMiddleware",
 ]
 
@@ -290,17 +290,24 @@ class MeshWSGIMiddleware:
                 raw_path = admission.path
                 environ["PATH_INFO"] = unquote(admission.path, encoding="latin-1")
             environ[CALLER_ENVIRON_KEY] = caller
-            environ[USER_ENVIRON_KEY] = admission.user
-            if deadline is None:
+            user = admission.user
+            environ[USER_ENVIRON_KEY] = user
+            if deadline is None and user is None:
                 return _Body(self.app(environ, answer.start_response), finish)
             # Outbound calls made while serving this request never outlive its caller (a
-            # response body generated after the view returned runs without the deadline).
-            deadline_token = current_deadline.set(deadline)
-            environ[DEADLINE_ENVIRON_KEY] = deadline
+            # response body generated after the view returned runs without the deadline),
+            # and may forward its end user.
+            deadline_token = current_deadline.set(deadline) if deadline is not None else None
+            user_token = current_user.set(user) if user is not None else None
+            if deadline is not None:
+                environ[DEADLINE_ENVIRON_KEY] = deadline
             try:
                 return _Body(self.app(environ, answer.start_response), finish)
             finally:
-                current_deadline.reset(deadline_token)
+                if user_token is not None:
+                    current_user.reset(user_token)
+                if deadline_token is not None:
+                    current_deadline.reset(deadline_token)
         except BaseException:
             finish(0)
             raise

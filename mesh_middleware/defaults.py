@@ -11,6 +11,8 @@ __all__ = [
     "DISCOVERY_WAIT",
     "EWMA_DECAY_SECONDS",
     "EWMA_DEFAULT_SECONDS",
+    "FORWARDED_USER_HEADER",
+    "FORWARDED_USER_LIFETIME_SECONDS",
     "IDENTITY_HEADER",
     "JWKS_FETCH_TIMEOUT_SECONDS",
     "JWKS_MIN_REFETCH_SECONDS",
@@ -160,3 +162,10 @@ def default_issuer(trust_domain: str) -> str:
 PEER_KEY = "mesh.peer"
 """The ASGI scope / WSGI environ key where ``mesh run`` puts the SPIFFE ID of the client
 certificate of a mutual-TLS connection (servers cannot set it from a request's bytes)."""
+
+FORWARDED_USER_HEADER = "x-mesh-user"
+"""Carries the end user a mesh service forwards: a JWS signed with the key its identity token
+binds (``cnf``), so the next service trusts it without the provider's token."""
+
+FORWARDED_USER_LIFETIME_SECONDS = 300
+"""A forwarded user's assertion lives this long at most (never past the user's own token)."""

@@ -391,7 +391,7 @@ def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
     except jose_errors.ExpiredTokenError:
         raise IdentityError("end-user token expired") from None
     except jose_errors.MissingClaimError as exc:
-        raise IdentityError(f"end-user token lacks required claims: {exc.description}") from None
+        raise IdentityError(f"end-user token lacks required claims: {exc.claim}") from None
     except jose_errors.InvalidClaimError as exc:
         claim = exc.claim
         if claim == "aud":

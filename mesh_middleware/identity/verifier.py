@@ -35,13 +35,18 @@ __all__ = ["CallerIdentity", "TokenVerifier"]
 @mypyc_attr(native_class=False)  # public: a native class would lose its docstring
 @dataclass(frozen=True, slots=True)
 class CallerIdentity:
-    """Who called: a verified mesh service identity."""
+    """Who called: a verified mesh service identity.
+
+    ``confirmation`` is the Ed25519 public key (``x``, base64url) the token binds (its
+    ``cnf`` claim): the key the caller signs the end users it forwards with.
+    """
 
     service: str
     spiffe_id: str
     trust_domain: str
     expires_at: float
     token_id: str | None = None
+    confirmation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,7 @@ class TokenVerifier:
             trust_domain=td,
             expires_at=float(claims["exp"]),
             token_id=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+            confirmation=_confirmation(claims.get("cnf")),
         )
         nbf = claims.get("nbf")
         not_before = float(nbf) if isinstance(nbf, int | float) else float("-inf")
@@ -190,6 +196,17 @@ class TokenVerifier:
             raise IdentityError("identity token subject is not a mesh service SPIFFE ID")
         if parsed[0] != self.trust_domain:
             raise IdentityError("identity token is from another trust domain")
+
+
+def _confirmation(cnf: Any) -> str | None:
+    """The Ed25519 key (``x``) of a ``cnf`` claim, or ``None`` when it binds none."""
+    if not isinstance(cnf, dict):
+        return None
+    jwk = cnf.get("jwk")
+    if not isinstance(jwk, dict) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        return None
+    x = jwk.get("x")
+    return x if isinstance(x, str) and x else None
 
 
 def _header_of(token: str) -> dict[str, Any]:

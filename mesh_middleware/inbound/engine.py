@@ -14,12 +14,14 @@ from typing import Any
 
 import structlog
 
+from mesh_middleware import defaults
 from mesh_middleware.errors import IdentityError, PathError, RequestError, UnknownSigningKey
 from mesh_middleware.identity.end_user import (
     EndUser,
     EndUserKeysUnavailable,
     UnknownUserSigningKey,
 )
+from mesh_middleware.identity.forwarded_user import ForwardedUserVerifier
 from mesh_middleware.identity.verifier import CallerIdentity, TokenVerifier
 from mesh_middleware.inbound.responses import error_body
 from mesh_middleware.policy.authorization import AuthorizationDecision
@@ -36,6 +38,7 @@ _DUPLICATE_IDENTITY = error_body("unauthenticated", "more than one identity head
 _PLAINTEXT_REFUSED = error_body(
     "forbidden", "mtls is strict here: only mutual-TLS connections from the mesh are taken"
 )
+_FORWARDED_USER = defaults.FORWARDED_USER_HEADER
 _ENGINE_FAILED = error_body("mesh_unavailable", "the mesh could not evaluate this request")
 
 
@@ -118,6 +121,7 @@ class InboundEngine:
         self._policy = policy
         self._verifier = verifier
         self._chance = chance or random.Random()
+        self._forwarded = ForwardedUserVerifier()
 
     def admit(
         self,
@@ -203,6 +207,16 @@ class InboundEngine:
                         return Admission(
                             401, error_body("unauthenticated", exc.reason), path=changed
                         )
+                elif caller is not None and policy.forwarded_from is not None:
+                    # A user forwarded by a mesh service this policy trusts to vouch for one.
+                    forwarded = headers.get(_FORWARDED_USER)
+                    if forwarded is not None and policy.forwarded_from.matches(caller.service):
+                        try:
+                            user = self._forwarded.verify(forwarded, caller, audience)
+                        except IdentityError as exc:
+                            return Admission(
+                                401, error_body("unauthenticated", exc.reason), path=changed
+                            )
             decision = policy.authorizer.decide(name, method, path, headers, user)
             metrics.note_decision(decision.labels)
             if not decision.allowed:

@@ -30,6 +30,10 @@ class CompiledPolicy:
     """End-user authentication, when the policy has ``inbound.end_users``."""
     forwarded_from: StringMatcher | None = None
     """The services whose forwarded end users are taken."""
+    forward_user_to: StringMatcher | None = None
+    """The destinations this service forwards its verified end users to."""
+    forward_user_claims: tuple[str, ...] = ()
+    """The claims forwarded besides ``iss`` and ``sub``."""
 
     @property
     def source(self) -> str:
@@ -43,6 +47,7 @@ class CompiledPolicy:
 def compile_policy(loaded: LoadedPolicy) -> CompiledPolicy:
     """Compile a validated policy into matchers."""
     inbound = loaded.policy.inbound
+    forward = loaded.policy.outbound.forward_user
     authorizer = Authorizer(loaded)
     faults = compile_faults(loaded)
     return CompiledPolicy(
@@ -60,6 +65,8 @@ def compile_policy(loaded: LoadedPolicy) -> CompiledPolicy:
             if inbound.end_users and inbound.end_users.forwarded_from
             else None
         ),
+        forward_user_to=StringMatcher(forward.to) if forward is not None else None,
+        forward_user_claims=tuple(forward.claims) if forward is not None else (),
     )
 
 

@@ -271,7 +271,7 @@ JwtAlgorithm = Literal[
 ]
 """Asymmetric JWS algorithms only: ``none`` and HMAC can never verify an end-user token."""
 
-DEFAULT_JWT_ALGORITHMS: tuple[str, ...] = (
+DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = (
     "RS256",
     "RS384",
     "RS512",

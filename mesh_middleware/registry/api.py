@@ -345,7 +345,7 @@ async def issue_token(request: Request) -> Response:
     body: TokenRequest = _validated(TokenRequest, await _json_body(request))
     state = _state(request)
     service = _acting_for(request, body.service)
-    token, expires_at = state.keys.mint(service, body.audience)
+    token, expires_at = state.keys.mint(service, body.audience, cnf=body.cnf)
     metrics.TOKENS_ISSUED.labels(service).inc()
     lifetime = state.keys.token_lifetime
     return _json(

@@ -94,10 +94,19 @@ class KeyRing:
             self._issuers[record.kid] = issuer
         return issuer
 
-    def mint(self, service: str, audience: str) -> tuple[str, int]:
-        """A JWT-SVID for ``service`` calling ``audience``, and its expiry (unix time)."""
+    def mint(
+        self, service: str, audience: str, *, cnf: dict[str, str] | None = None
+    ) -> tuple[str, int]:
+        """A JWT-SVID for ``service`` calling ``audience``, and its expiry (unix time).
+
+        ``cnf`` is a public key the service holds (RFC 7800): the token binds it, so what the
+        service signs with it (the end users it forwards) is trusted as coming from it.
+        """
         now = self._clock()
-        token = self.issuer_for(self.signing_key()).mint(service, audience, now=now)
+        extra = {"cnf": {"jwk": cnf}} if cnf is not None else None
+        token = self.issuer_for(self.signing_key()).mint(
+            service, audience, now=now, extra_claims=extra
+        )
         return token, int(now) + self.token_lifetime
 
     def jwks(self) -> dict[str, Any]:

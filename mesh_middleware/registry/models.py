@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -114,10 +115,23 @@ class Registration(_Body):
 
 
 class TokenRequest(_Body):
-    """Ask for a JWT-SVID naming ``audience``; ``service`` only in dev mode (no join token)."""
+    """Ask for a JWT-SVID naming ``audience``; ``service`` only in dev mode (no join token).
+
+    ``cnf`` is an Ed25519 public JWK the service holds, for the token to bind (RFC 7800).
+    """
 
     audience: ServiceName
     service: ServiceName | None = None
+    cnf: dict[str, str] | None = None
+
+    @field_validator("cnf")
+    @classmethod
+    def _public_ed25519(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        from mesh_middleware.identity.forwarded_user import confirmation_key
+
+        return confirmation_key(value)
 
 
 class CertificateRequest(_Body):

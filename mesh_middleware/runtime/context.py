@@ -1,6 +1,7 @@
 """What flows from an inbound request to the outbound calls made while serving it.
 
-The inbound middlewares put the caller's deadline and the request's span in context variables; the
+The inbound middlewares put the caller's deadline, the request's span and its verified end user
+in context variables; the
 outbound clients read them, so a call made inside a handler never outlives its caller's
 deadline (gRPC's deadline propagation) and continues its trace (W3C trace context). Context
 variables follow the request into threads that anyio and Starlette start for sync handlers.
@@ -12,11 +13,14 @@ import re
 import time
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mypy_extensions import mypyc_attr
 
 from mesh_middleware.telemetry.tracecontext import SpanContext
+
+if TYPE_CHECKING:
+    from mesh_middleware.identity.end_user import EndUser
 
 __all__ = [
     "Deadline",
@@ -24,6 +28,7 @@ __all__ = [
     "current_deadline",
     "current_span",
     "current_trace",
+    "current_user",
     "deadline_from_header",
     "set_current_span",
 ]
@@ -100,3 +105,7 @@ def current_span() -> SpanContext | None:
 def set_current_span(context: SpanContext | None) -> Token[SpanHolder | None]:
     """Make ``context`` the current span; ``current_trace.reset(token)`` restores the last."""
     return current_trace.set(None if context is None else _Given(context))
+
+
+current_user: ContextVar[EndUser | None] = ContextVar("mesh_current_user", default=None)
+"""The verified end user of the request being served (set only when there is one)."""

@@ -17,7 +17,9 @@ import structlog
 
 from mesh_middleware import defaults
 from mesh_middleware.discovery.catalog import Discovery
+from mesh_middleware.errors import IdentityError
 from mesh_middleware.identity.end_user import EndUserKeyring
+from mesh_middleware.identity.forwarded_user import UserForwarder
 from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import service_id
 from mesh_middleware.identity.verifier import TokenVerifier
@@ -30,6 +32,7 @@ from mesh_middleware.policy.durations import parse_duration
 from mesh_middleware.runtime.address import AddressFinder, parse_advertise
 from mesh_middleware.runtime.background import BackgroundLoop
 from mesh_middleware.runtime.certificates import CertificateManager, TLSContexts, TLSFiles
+from mesh_middleware.runtime.context import current_user
 from mesh_middleware.runtime.policy_watch import PolicyFileWatch
 from mesh_middleware.runtime.registration import Registration
 from mesh_middleware.runtime.registry_client import RegistryClient, TrustBundle
@@ -110,6 +113,8 @@ class Mesh:
         self._export: tuple[str | None, str | None] = (None, None)  # OTLP endpoint, service
         self.end_user_keys = EndUserKeyring()
         """The keys of the end-user issuers the policy names, fetched in the background."""
+        self.user_forwarder = UserForwarder()
+        """Signs the end users this process forwards (its identity tokens bind the key)."""
         self._install(compiled)
         self.keys = KeyStore(jwks)
         keys_loaded = jwks is not None and self.keys.refresh()
@@ -207,7 +212,9 @@ class Mesh:
                 client, address, ttl=registration_ttl, serving=_serving_from_env()
             ),
             tokens=TokenCache(
-                lambda audience, wait: client.token(self.service, audience, timeout=wait)
+                lambda audience, wait: client.token(
+                    self.service, audience, timeout=wait, cnf=self.user_forwarder.public_jwk
+                )
             ),
             policy=lambda: self._state[0],
             apply_trust=self._apply_trust,
@@ -349,6 +356,27 @@ class Mesh:
             link.tokens.want(audience)
             return None
         return link.tokens.fetch_now(audience, wait)
+
+    def forwarded_user(self, destination: str) -> str | None:
+        """The assertion forwarding the current request's end user to ``destination`` (a
+        service name), or ``None``: no end user, or the policy does not forward to it
+        (``outbound.forward_user``). Cached per user and destination; never blocks."""
+        user = current_user.get()
+        if user is None:
+            return None
+        policy = self._state[0]
+        targets = policy.forward_user_to
+        if targets is None or not targets.matches(destination):
+            return None
+        try:
+            return self.user_forwarder.assertion(
+                user,
+                forwarder=self.spiffe_id,
+                audience=service_id(destination, self.trust_domain),
+                claims=policy.forward_user_claims,
+            )
+        except IdentityError:
+            return None  # the user's token expired while the request was served
 
     def cached_identity_token(self, audience: str) -> str | None:
         """The cached JWT-SVID for calling ``audience``, or ``None``; never blocks."""

@@ -318,9 +318,19 @@ class RegistryClient:
         status, _ = self._call("DELETE", _instance_path(service, instance))
         return status != 404
 
-    def token(self, service: str, audience: str, *, timeout: float | None = None) -> IssuedToken:
-        """``POST /v1/identity/token``: a JWT-SVID for calling ``audience``."""
-        body: dict[str, str] = {"audience": audience}
+    def token(
+        self,
+        service: str,
+        audience: str,
+        *,
+        timeout: float | None = None,
+        cnf: dict[str, str] | None = None,
+    ) -> IssuedToken:
+        """``POST /v1/identity/token``: a JWT-SVID for calling ``audience``, binding ``cnf``
+        (this process's public key for forwarding end users) when given."""
+        body: dict[str, Any] = {"audience": audience}
+        if cnf is not None:
+            body["cnf"] = cnf
         if not self.join_token:
             body["service"] = service  # dev-mode registries take the service from the body
         _, answer = self._ok("POST", "/v1/identity/token", body=body, timeout=timeout)
