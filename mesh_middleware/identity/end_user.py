@@ -93,8 +93,7 @@ class EndUserKeyring:
 
     def keys_for(self, spec: EndUserIssuer) -> IssuerKeys:
         """The key set for ``spec``: the one held already, or a new one fetched at once."""
-        inline = json.dumps(spec.jwks, sort_keys=True) if spec.jwks is not None else None
-        key = (spec.issuer, spec.jwks_uri, inline)
+        key = _store_key(spec)
         store = self._stores.get(key)
         if store is None:
             if spec.jwks is not None:
@@ -112,6 +111,14 @@ class EndUserKeyring:
 
     def stores(self) -> list[IssuerKeys]:
         return list(self._stores.values())
+
+    def retain(self, specs: Iterable[EndUserIssuer]) -> None:
+        """Forget the key sets of issuers no policy in force names any more."""
+        keep = {_store_key(spec) for spec in specs}
+        for key in [k for k in self._stores if k not in keep]:
+            del self._stores[key]
+            self._due.pop(key, None)
+            self._failures.pop(key, None)
 
     def tick(self, now: float | None = None) -> None:
         """Start refreshes of the key sets that are due, each in its own thread (never blocks).
@@ -137,6 +144,11 @@ class EndUserKeyring:
             return
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         self._due[key] = now + min(60.0, 5.0 * 2 ** (failures - 1)) * _jitter()
+
+
+def _store_key(spec: EndUserIssuer) -> tuple[str, str | None, str | None]:
+    inline = json.dumps(spec.jwks, sort_keys=True) if spec.jwks is not None else None
+    return (spec.issuer, spec.jwks_uri, inline)
 
 
 def _jitter() -> float:

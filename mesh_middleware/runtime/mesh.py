@@ -276,6 +276,9 @@ class Mesh:
         if compiled.end_users is not None:
             # Issuers the last policy named keep their keys; new ones are fetched at once.
             compiled.end_users.bind(self.end_user_keys)
+        self.end_user_keys.retain(
+            compiled.end_users.settings.issuers if compiled.end_users is not None else ()
+        )
         # One attribute holds the policy and the audience derived from it, so a request never
         # sees a new policy with an old audience.
         self._state = (compiled, service_id(compiled.service, self.trust_domain))
