@@ -405,7 +405,7 @@ class MeshMiddleware:
         future = keys.refetch_for(kid)  # rate-limited, shared, in its own thread
         if future is not None:
             await _wait_for(future, _UNKNOWN_KID_WAIT)
-        if keys.get(kid) is not None:
+        if keys.get(kid) is not None or (admission.keys is not None and admission.keys.loaded):
             return self._engine.admit(method, path, token, headers, peer=peer)
         return admission
 

@@ -326,6 +326,7 @@ class MeshWSGIMiddleware:
         kid = admission.unknown_kid
         assert kid is not None
         keys = admission.keys if admission.keys is not None else self.mesh.keys
-        if keys.refresh_for_unknown_kid(kid):
+        known = keys.refresh_for_unknown_kid(kid)
+        if known or (admission.keys is not None and admission.keys.loaded):
             return self._engine.admit(method, raw_path, token, headers, peer=peer)
         return admission

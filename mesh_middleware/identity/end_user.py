@@ -15,9 +15,11 @@ import base64
 import binascii
 import contextlib
 import json
+import os
 import random
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ __all__ = [
     "EndUser",
     "EndUserAuthentication",
     "EndUserKeyring",
+    "EndUserKeysPending",
     "EndUserKeysUnavailable",
     "UnknownUserSigningKey",
 ]
@@ -82,6 +85,14 @@ class EndUserKeysUnavailable(IdentityError):
     """No key of the token's issuer has ever been fetched: the request cannot be judged (503)."""
 
 
+class EndUserKeysPending(UnknownUserSigningKey):
+    """The issuer's first key fetch is under way: worth waiting for briefly, else 503."""
+
+    def __init__(self, kid: str, keys: IssuerKeys) -> None:
+        super().__init__(kid, keys)
+        self.reason = f"the keys of issuer {keys.issuer!r} are not available yet"
+
+
 class EndUserKeyring:
     """The key sets of every issuer a Mesh's policies name, kept across policy reloads."""
 
@@ -90,6 +101,15 @@ class EndUserKeyring:
         self._fetch_timeout = fetch_timeout
         self._due: dict[tuple[str, str | None, str | None], float] = {}
         self._failures: dict[tuple[str, str | None, str | None], int] = {}
+        ref = weakref.ref(self)
+
+        def due_in_child() -> None:
+            # Fetches the parent had under way never end in a forked child: all due now.
+            keyring = ref()
+            if keyring is not None:
+                keyring._due = dict.fromkeys(keyring._due, 0.0)
+
+        os.register_at_fork(after_in_child=due_in_child)
 
     def keys_for(self, spec: EndUserIssuer) -> IssuerKeys:
         """The key set for ``spec``: the one held already, or a new one fetched at once."""
@@ -286,16 +306,18 @@ class EndUserAuthentication:
         forbidden = FORBIDDEN_HEADER_PARAMETERS.intersection(header)
         if forbidden:
             raise IdentityError(f"end-user token header may not carry {sorted(forbidden)}")
-        keys = issuer.keys
-        if keys is None or not keys.loaded:
-            if keys is not None:
-                keys.fetch_in_background()
-            raise EndUserKeysUnavailable(
-                f"the keys of issuer {issuer.spec.issuer!r} are not available yet"
-            )
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise IdentityError("end-user token key id (kid) is not a string")
+        keys = issuer.keys
+        if keys is None or not keys.loaded:
+            # A fetch under way (or one started now, rate-limited as for an unknown kid) is
+            # worth a short wait; otherwise the request cannot be judged.
+            if keys is not None and (keys.fetching or keys.refetch_for(kid or "") is not None):
+                raise EndUserKeysPending(kid or "", keys)
+            raise EndUserKeysUnavailable(
+                f"the keys of issuer {issuer.spec.issuer!r} are not available yet"
+            )
         if kid:
             key = keys.get(kid)
             if key is None:

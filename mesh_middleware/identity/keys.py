@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -83,6 +85,18 @@ class KeyStoreBase(Generic[K]):
         self.generation = 0
         self.last_error: str | None = None
         self.listeners: list[Callable[[], None]] = []
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:
+            # A fetch under way in the parent has no thread in a forked child (gunicorn's
+            # workers): its future would never complete. The child starts afresh.
+            store = ref()
+            if store is not None:
+                store._fetch_lock = threading.Lock()
+                store._state_lock = threading.Lock()
+                store._inflight = None
+
+        os.register_at_fork(after_in_child=reset_in_child)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -111,6 +125,11 @@ class KeyStoreBase(Generic[K]):
     def get(self, kid: str) -> K | None:
         """The key with this id, or ``None``."""
         return self._keys.get(kid)
+
+    @property
+    def fetching(self) -> bool:
+        """Whether a fetch started by :meth:`refetch_for` or :meth:`fetch_in_background` runs."""
+        return self._inflight is not None
 
     def kids(self) -> list[str]:
         return sorted(self._keys)

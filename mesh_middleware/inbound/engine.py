@@ -18,6 +18,7 @@ from mesh_middleware import defaults
 from mesh_middleware.errors import IdentityError, PathError, RequestError, UnknownSigningKey
 from mesh_middleware.identity.end_user import (
     EndUser,
+    EndUserKeysPending,
     EndUserKeysUnavailable,
     UnknownUserSigningKey,
 )
@@ -191,6 +192,16 @@ class InboundEngine:
                 if found is not None:
                     try:
                         user = end_users.verify(found[0], found[1])
+                    except EndUserKeysPending as exc:
+                        # The first fetch of the issuer's keys is under way: wait for it
+                        # (the adapter does, briefly), then decide again; else 503.
+                        return Admission(
+                            503,
+                            error_body("mesh_unavailable", exc.reason),
+                            path=changed,
+                            unknown_kid=exc.kid,
+                            keys=exc.keys,
+                        )
                     except UnknownUserSigningKey as exc:
                         return Admission(
                             401,

@@ -68,6 +68,11 @@ inbound:
 SERVERS = {
     "uvicorn": lambda port: uvicorn_argv("tests.support.end_user_app:asgi_app", port),
     "gunicorn": lambda port: gunicorn_argv("tests.support.end_user_app:wsgi_app", port),
+    # The app (its Mesh, and the first key fetch) made in the master before the workers fork.
+    "gunicorn-preload": lambda port: [
+        *gunicorn_argv("tests.support.end_user_app:wsgi_app", port),
+        "--preload",
+    ],
 }
 
 
@@ -89,7 +94,7 @@ def _bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn", "gunicorn-preload"])
 def test_a_running_app_authenticates_and_authorizes_end_users(
     server: str, idp: OidcProvider, tmp_path: Path
 ) -> None:
@@ -227,3 +232,77 @@ def test_users_are_forwarded_signed_by_the_mesh(idp: OidcProvider, tmp_path: Pat
                 timeout=10,
             )
             assert forged.status_code == 401  # strict: no mesh identity at all
+
+
+def _attacks(idp: OidcProvider) -> dict[str, str]:
+    """One token per JWT attack class of mesh identity tokens, made against this provider."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def segment(document: dict[str, Any]) -> str:
+        return b64(json.dumps(document).encode())
+
+    now = int(time.time())
+    claims = {"iss": idp.issuer, "sub": "mallory", "aud": "shop", "iat": now, "exp": now + 300}
+    rsa = next(k for k in idp.jwks()["keys"] if k["kty"] == "RSA")
+    kid = rsa["kid"]
+    attacker = RSAKey.generate_key(2048)
+    valid = idp.token("mallory", audience="shop")
+    head, body, sig = valid.split(".")
+    pem = RSAKey.import_key(rsa).as_pem(private=False)
+    hs_head = segment({"alg": "HS256", "kid": kid, "typ": "JWT"})
+    hs_sig = b64(hmac.new(pem, f"{hs_head}.{body}".encode(), hashlib.sha256).digest())
+    embedded = {
+        f"embedded-{param}": (f"{segment({'alg': 'RS256', 'kid': kid, param: value})}.{body}.{sig}")
+        for param, value in (
+            ("jwk", attacker.as_dict(private=False)),
+            ("jku", "http://127.0.0.1:1/jwks"),
+            ("x5u", "http://127.0.0.1:1/cert"),
+            ("x5c", ["MIIB"]),
+            ("crit", ["exp"]),
+        )
+    }
+    return {
+        "forged-signature": jwt.encode({"alg": "RS256", "kid": kid}, claims, attacker),
+        "tampered-payload": f"{head}.{segment({**claims, 'sub': 'root'})}.{sig}",
+        "expired": idp.token("mallory", audience="shop", lifetime=-120),
+        "not-yet-valid": idp.token("mallory", audience="shop", claims={"nbf": now + 3600}),
+        "wrong-audience": idp.token("mallory", audience="other"),
+        "wrong-issuer": idp.token("mallory", audience="shop", claims={"iss": "https://evil"}),
+        "alg-none": f"{segment({'alg': 'none', 'kid': kid})}.{body}.",
+        "alg-none-signed": f"{segment({'alg': 'none', 'kid': kid})}.{body}.c2ln",
+        "hs256-with-the-public-key": f"{hs_head}.{body}.{hs_sig}",
+        **embedded,
+        "unknown-kid": jwt.encode({"alg": "RS256", "kid": "stranger"}, claims, attacker),
+        "truncated": valid[: len(valid) // 2],
+        "garbage": "e30.e30.c2ln",
+    }
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_every_jwt_attack_class_is_refused_for_end_user_tokens(
+    server: str, idp: OidcProvider, tmp_path: Path
+) -> None:
+    """Through a real server, each attack is a 401 with a JSON reason; the app never runs."""
+    port = free_port()
+    env = _env(tmp_path, "front", FRONT.format(service="front", issuer=idp.issuer))
+    attacks = _attacks(idp)
+    with (
+        running(SERVERS[server](port), port=port, env=env, log_path=tmp_path / "app.log"),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        for name, token in attacks.items():
+            answer = client.get("/hello", headers=_bearer(token))
+            assert answer.status_code == 401, (name, answer.text)
+            refusal = answer.json()
+            assert refusal["error"] == "unauthenticated", name
+            assert refusal["reason"].startswith("end-user token"), (name, refusal)
+        assert client.get("/hello").status_code == 200  # the server is still fine

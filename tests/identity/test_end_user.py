@@ -21,6 +21,7 @@ from mesh_middleware.errors import IdentityError, RequestError
 from mesh_middleware.identity.end_user import (
     EndUserAuthentication,
     EndUserKeyring,
+    EndUserKeysPending,
     EndUserKeysUnavailable,
     UnknownUserSigningKey,
 )
@@ -312,9 +313,16 @@ def test_keys_never_fetched_refuse_with_unavailable(tmp_path: Path) -> None:
         auth = EndUserAuthentication(EndUsersPolicy.model_validate({"issuers": [spec]}))
         keyring = EndUserKeyring()
         auth.bind(keyring)
-        assert not keyring.stores()[0].refresh()
-        with pytest.raises(EndUserKeysUnavailable):
+        store = keyring.stores()[0]
+        assert not store.refresh()
+        # The first token starts one more fetch (rate-limited) and is told to wait for it...
+        with pytest.raises(EndUserKeysPending) as pending:
             auth.verify(token)
+        assert not store.refresh_for_unknown_kid(pending.value.kid, timeout=5)
+        # ...which fails too: from then on, 503 at once, never a token let through.
+        for _ in range(3):
+            with pytest.raises(EndUserKeysUnavailable):
+                auth.verify(token)
 
 
 def test_verification_does_not_fetch_per_token(idp: OidcProvider) -> None:
