@@ -49,7 +49,10 @@ def confirmation_key(public_jwk: Mapping[str, Any]) -> dict[str, str]:
     x = public_jwk.get("x")
     if not isinstance(x, str) or not 40 <= len(x) <= 46:
         raise ValueError("a confirmation key needs its 'x' (32 bytes, base64url)")
-    OKPKey.import_key({"kty": "OKP", "crv": "Ed25519", "x": x})  # raises on a bad point
+    try:
+        OKPKey.import_key({"kty": "OKP", "crv": "Ed25519", "x": x})
+    except Exception:  # whatever a bad encoding or point raises, it is a bad key
+        raise ValueError("a confirmation key's 'x' is not an Ed25519 public key") from None
     return {"kty": "OKP", "crv": "Ed25519", "x": x}
 
 

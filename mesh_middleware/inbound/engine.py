@@ -231,7 +231,7 @@ class InboundEngine:
             decision = policy.authorizer.decide(name, method, path, headers, user)
             metrics.note_decision(decision.labels)
             if not decision.allowed:
-                _record_denial(policy.service, decision, name, method, path)
+                _record_denial(policy.service, decision, name, method, path, user)
                 return Admission(
                     decision.status,
                     error_body("forbidden", decision.reason, rule=decision.rule),
@@ -241,7 +241,7 @@ class InboundEngine:
                     changed,
                 )
             if decision.audit:
-                _record_denial(policy.service, decision, name, method, path)
+                _record_denial(policy.service, decision, name, method, path, user)
             admission = Admission(None, b"", caller, decision, 0.0, changed, user=user)
             if not policy.faults:
                 return admission
@@ -284,7 +284,12 @@ class InboundEngine:
 
 
 def _record_denial(
-    service: str, decision: AuthorizationDecision, caller: str | None, method: str, path: str
+    service: str,
+    decision: AuthorizationDecision,
+    caller: str | None,
+    method: str,
+    path: str,
+    user: EndUser | None = None,
 ) -> None:
     """Count and log a denial, or in audit mode a denial that was let through."""
     metrics.count_denial(service, decision.rule, audit=decision.audit)
@@ -293,6 +298,7 @@ def _record_denial(
         "request_would_be_denied" if decision.audit else "request_denied",
         service=service,
         caller=caller or "anonymous",
+        user=user.principal if user is not None else "anonymous",
         method=method,
         path=path,
         rule=decision.rule,

@@ -413,10 +413,45 @@ def test_token_is_for_the_join_tokens_service_only(shared: Registry, client: htt
         _error(answer, 403)
 
 
+def test_token_binds_the_callers_confirmation_key(shared: Registry, client: httpx.Client) -> None:
+    """A public Ed25519 key in `cnf` is bound into the token (RFC 7800), public parts only."""
+    from joserfc.jwk import OKPKey
+
+    key = OKPKey.generate_key("Ed25519").as_dict(private=False)
+    cnf = {"kty": "OKP", "crv": "Ed25519", "x": key["x"]}
+    token = create_join_token(client, shared, "caller")
+    answer = client.post(
+        f"{shared.url}/v1/identity/token",
+        json={"audience": "callee", "cnf": cnf},
+        headers=bearer(token),
+    )
+    assert answer.status_code == 200, answer.text
+    jwks = client.get(f"{shared.url}/v1/identity/jwks").json()
+    assert verify(answer.json()["token"], jwks, "callee").confirmation == key["x"]
+
+
+_PRIVATE = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
+
+
 @pytest.mark.parametrize(
     ("payload", "headers", "status"),
     [
         ({"audience": "callee"}, {}, 401),
+        (
+            {
+                "audience": "callee",
+                "cnf": {**_PRIVATE, "d": "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A"},
+            },
+            None,
+            400,
+        ),
+        (
+            {"audience": "callee", "cnf": {"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}},
+            None,
+            400,
+        ),
+        ({"audience": "callee", "cnf": {"kty": "OKP", "crv": "Ed25519", "x": "!" * 43}}, None, 400),
+        ({"audience": "callee", "cnf": "key"}, None, 400),
         ({"audience": "callee", "service": "caller"}, {}, 401),
         ({"audience": "Callee"}, None, 400),
         ({}, None, 400),
