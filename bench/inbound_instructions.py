@@ -13,7 +13,14 @@ a span context per request) and ``mesh+log`` (and an access line per request, wr
 No server, socket or HTTP parser runs here: what uvicorn does per request is not counted, and an
 instruction costs more time on a live server, whose caches are colder between requests.
 
-    python bench/inbound_instructions.py                 # all three variants
+``--end-users`` adds ``mesh+users``: mesh's policy plus end-user authentication (an inline JWKS
+of an RSA key) and user and claim conditions on the admitting rule, every request carrying an
+RS256 user token in ``Authorization: Bearer``; it is printed against ``mesh``. The key and the
+token are made once, outside valgrind (RSA key generation costs a random number of
+instructions), and written for each child.
+
+    python bench/inbound_instructions.py                 # bare, mesh, mesh+log
+    python bench/inbound_instructions.py --end-users     # and mesh+users
     python bench/inbound_instructions.py --requests 4000 # steadier, slower
 """
 
@@ -30,7 +37,10 @@ import tempfile
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-VARIANTS = ("bare", "mesh", "mesh+log")
+VARIANTS = ("bare", "mesh", "mesh+log", "mesh+users")
+DEFAULT_VARIANTS = VARIANTS[:3]
+USERS_POLICY = "policy-mesh-users.yaml"  # written by the parent for mesh+users
+USERS_TOKEN = "user-token"
 _REFS = re.compile(r"refs:\s*([\d,]+)")
 
 
@@ -42,9 +52,15 @@ def serve(variant: str, requests: int, directory: Path) -> None:
     policies, jwks, token, _ = inbound.write_mesh_files(directory, inbound.POLICY)
     os.environ["BENCH_JWKS"] = str(jwks)
     os.environ["BENCH_MESH"] = "0" if variant == "bare" else "1"
-    os.environ["BENCH_POLICY"] = str(
-        policies[inbound.MESH_LOG if variant == "mesh+log" else "mesh"]
-    )
+    extra: list[tuple[bytes, bytes]] = []
+    if variant == inbound.MESH_USERS:
+        os.environ["BENCH_POLICY"] = str(directory / USERS_POLICY)
+        user_token = (directory / USERS_TOKEN).read_text()
+        extra.append((b"authorization", f"Bearer {user_token}".encode()))
+    else:
+        os.environ["BENCH_POLICY"] = str(
+            policies[inbound.MESH_LOG if variant == "mesh+log" else "mesh"]
+        )
     sys.stderr = (directory / "access.log").open("w")  # where mesh+log writes its lines
     from apps import create_app
 
@@ -65,6 +81,7 @@ def serve(variant: str, requests: int, directory: Path) -> None:
             (b"host", b"127.0.0.1:8000"),
             (inbound.IDENTITY_HEADER.encode(), token.encode()),
             (b"traceparent", inbound.TRACEPARENT.encode()),
+            *extra,
         ],
     }
     statuses: list[int] = []
@@ -89,9 +106,12 @@ def serve(variant: str, requests: int, directory: Path) -> None:
         raise SystemExit(f"{variant}: expected {requests} answers 200, got {statuses[-3:]}")
 
 
-def instructions(variant: str, requests: int) -> int:
-    """Instructions valgrind counted for a whole child process serving ``requests``."""
+def instructions(variant: str, requests: int, files: dict[str, str] | None = None) -> int:
+    """Instructions valgrind counted for a whole child process serving ``requests``; ``files``
+    are written into its directory first."""
     with tempfile.TemporaryDirectory(prefix="mesh-ir-") as tmp:
+        for name, text in (files or {}).items():
+            Path(tmp, name).write_text(text)
         command = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out",
             sys.executable, *(["-S"] if sys.flags.no_site else []),
@@ -109,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests counted (2000)")
     parser.add_argument("--warm", type=int, default=300, help="requests before them (300)")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated (default: all three)"
+        "--variants",
+        default=None,
+        help=f"comma-separated, of {', '.join(VARIANTS)} (default: the first three, and"
+        " mesh+users with --end-users)",
+    )
+    parser.add_argument(
+        "--end-users",
+        action="store_true",
+        help="also count mesh+users (end-user token, user and claim conditions) against mesh",
     )
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -122,21 +150,45 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not (1 <= args.requests <= 100_000 and 1 <= args.warm <= 10_000):
         parser.error("--requests 1..100000, --warm 1..10000")
-    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    wanted = (
+        args.variants.split(",")
+        if args.variants
+        else [*DEFAULT_VARIANTS, *(["mesh+users"] if args.end_users else [])]
+    )
+    variants = [v for v in VARIANTS if v in wanted]
     if not variants:
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    files: dict[str, str] = {}
+    if "mesh+users" in variants:
+        sys.path.insert(0, str(BENCH_DIR))
+        import inbound
+
+        users = inbound.end_user_tokens()
+        policy, _ = inbound.with_end_users(inbound.POLICY, users.jwks)
+        files = {USERS_POLICY: policy, USERS_TOKEN: users.token}
     per_request: dict[str, float] = {}
     for variant in variants:
-        whole = instructions(variant, args.warm + args.requests)
-        start = instructions(variant, args.warm)
+        written = files if variant == "mesh+users" else None
+        whole = instructions(variant, args.warm + args.requests, written)
+        start = instructions(variant, args.warm, written)
         per_request[variant] = (whole - start) / args.requests
-        print(f"{variant:<9} {per_request[variant]:10,.0f} instructions per request", flush=True)
+        print(f"{variant:<10} {per_request[variant]:10,.0f} instructions per request", flush=True)
     bare = per_request.get("bare")
-    if bare is None:
-        return 0
-    for variant in variants[1:]:
-        added = per_request[variant] - bare
-        print(f"{variant} adds {added:,.0f} instructions per request ({added / bare:.0%} of bare)")
+    if bare is not None:
+        for variant in variants[1:]:
+            added = per_request[variant] - bare
+            print(
+                f"{variant} adds {added:,.0f} instructions per request ({added / bare:.0%} of bare)"
+            )
+    mesh, with_users = per_request.get("mesh"), per_request.get("mesh+users")
+    if mesh is not None and with_users is not None:
+        added = with_users - mesh
+        print(
+            f"mesh+users adds {added:,.0f} instructions per request to mesh"
+            f" (mesh+users/mesh = {with_users / mesh:.3f}x the instructions per request"
+            + (f"; {added / (mesh - bare):.0%} of what mesh adds to bare" if bare else "")
+            + ")"
+        )
     return 0
 
 

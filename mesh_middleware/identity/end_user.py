@@ -36,6 +36,7 @@ from mesh_middleware import defaults
 from mesh_middleware.errors import IdentityError, RequestError, UnknownSigningKey
 from mesh_middleware.identity.oidc import IssuerKeys, parse_issuer_jwks
 from mesh_middleware.identity.tokens import FORBIDDEN_HEADER_PARAMETERS
+from mesh_middleware.identity.verifier import validate_claims
 from mesh_middleware.policy.schema import EndUserIssuer, EndUsersPolicy
 
 __all__ = [
@@ -420,21 +421,7 @@ def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
     if issuer.audiences:
         options["aud"] = {"essential": True, "values": sorted(issuer.audiences)}
     registry = jwt.JWTClaimsRegistry(now=int(now), leeway=int(issuer.spec.clock_skew), **options)
-    try:
-        registry.validate(claims)
-    except jose_errors.ExpiredTokenError:
-        raise IdentityError("end-user token expired") from None
-    except jose_errors.MissingClaimError as exc:
-        raise IdentityError(f"end-user token lacks required claims: {exc.claim}") from None
-    except jose_errors.InvalidClaimError as exc:
-        claim = exc.claim
-        if claim == "aud":
-            raise IdentityError("end-user token is for another audience") from None
-        if claim in {"nbf", "iat"}:
-            raise IdentityError("end-user token is not valid yet") from None
-        raise IdentityError(f"end-user token claim {claim!r} is invalid") from None
-    except jose_errors.JoseError:
-        raise IdentityError("end-user token claims are invalid") from None
+    validate_claims(registry, claims, "end-user token")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise IdentityError("end-user token subject (sub) is not a string")
     if not isinstance(claims.get("exp"), int | float) or isinstance(claims.get("exp"), bool):

@@ -29,7 +29,7 @@ from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import parse_service_id
 from mesh_middleware.identity.tokens import ACCEPTED_ALGORITHMS, FORBIDDEN_HEADER_PARAMETERS
 
-__all__ = ["CallerIdentity", "TokenVerifier"]
+__all__ = ["CallerIdentity", "TokenVerifier", "validate_claims"]
 
 
 @mypyc_attr(native_class=False)  # public: a native class would lose its docstring
@@ -170,25 +170,7 @@ class TokenVerifier:
             aud={"essential": True, "value": audience},
             exp={"essential": True},
         )
-        try:
-            registry.validate(claims)
-        except jose_errors.ExpiredTokenError:
-            raise IdentityError("identity token expired") from None
-        except jose_errors.MissingClaimError as exc:
-            raise IdentityError(
-                f"identity token lacks required claims: {exc.description}"
-            ) from None
-        except jose_errors.InvalidClaimError as exc:
-            claim = exc.claim
-            if claim == "aud":
-                raise IdentityError("identity token is for another audience") from None
-            if claim == "iss":
-                raise IdentityError("identity token issuer is not trusted") from None
-            if claim in {"nbf", "iat"}:
-                raise IdentityError("identity token is not valid yet") from None
-            raise IdentityError(f"identity token claim {claim!r} is invalid") from None
-        except jose_errors.JoseError:
-            raise IdentityError("identity token claims are invalid") from None
+        validate_claims(registry, claims, "identity token")
         if float(claims["exp"]) - now > defaults.MAX_TOKEN_LIFETIME_SECONDS:
             raise IdentityError("identity token lifetime is longer than the mesh allows")
         parsed = parse_service_id(claims["sub"]) if isinstance(claims["sub"], str) else None
@@ -196,6 +178,28 @@ class TokenVerifier:
             raise IdentityError("identity token subject is not a mesh service SPIFFE ID")
         if parsed[0] != self.trust_domain:
             raise IdentityError("identity token is from another trust domain")
+
+
+def validate_claims(registry: jwt.JWTClaimsRegistry, claims: dict[str, Any], what: str) -> None:
+    """Run joserfc's claim checks; raise :class:`IdentityError` saying, of ``what`` (``identity
+    token``, ``end-user token``), what did not hold."""
+    try:
+        registry.validate(claims)
+    except jose_errors.ExpiredTokenError:
+        raise IdentityError(f"{what} expired") from None
+    except jose_errors.MissingClaimError as exc:
+        raise IdentityError(f"{what} lacks required claims: {exc.claim}") from None
+    except jose_errors.InvalidClaimError as exc:
+        claim = exc.claim
+        if claim == "aud":
+            raise IdentityError(f"{what} is for another audience") from None
+        if claim == "iss":
+            raise IdentityError(f"{what} issuer is not trusted") from None
+        if claim in {"nbf", "iat"}:
+            raise IdentityError(f"{what} is not valid yet") from None
+        raise IdentityError(f"{what} claim {claim!r} is invalid") from None
+    except jose_errors.JoseError:
+        raise IdentityError(f"{what} claims are invalid") from None
 
 
 def _confirmation(cnf: Any) -> str | None:

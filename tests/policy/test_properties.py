@@ -320,19 +320,23 @@ def _rule_holds(rule: Mapping[str, Any], request: Request) -> bool:
     return all(checks)
 
 
-def reference_decide(policy: Mapping[str, Any], request: Request) -> tuple[bool, str | None]:
+def reference_decide(
+    policy: Mapping[str, Any],
+    request: Request,
+    holds: Callable[[Mapping[str, Any], Request], bool] = _rule_holds,
+) -> tuple[bool, str | None]:
     """Linear scan: first matching deny denies; else the first matching allow, if any exist."""
     authz = policy["inbound"]["authorization"]
     rules = authz["rules"]
     audit = authz["mode"] == "audit"
     for rule in rules:
-        if rule["action"] == "deny" and _rule_holds(rule, request):
+        if rule["action"] == "deny" and holds(rule, request):
             return audit, rule["name"]
     allows = [rule for rule in rules if rule["action"] == "allow"]
     if not allows:
         return True, None
     for rule in allows:
-        if _rule_holds(rule, request):
+        if holds(rule, request):
             return True, rule["name"]
     return audit, None
 
@@ -605,19 +609,7 @@ def reference_decide_users(
     policy: Mapping[str, Any], request: UserRequest
 ) -> tuple[bool, str | None]:
     """:func:`reference_decide` with end-user conditions."""
-    authz = policy["inbound"]["authorization"]
-    rules = authz["rules"]
-    audit = authz["mode"] == "audit"
-    for rule in rules:
-        if rule["action"] == "deny" and _user_rule_holds(rule, request):
-            return audit, rule["name"]
-    allows = [rule for rule in rules if rule["action"] == "allow"]
-    if not allows:
-        return True, None
-    for rule in allows:
-        if _user_rule_holds(rule, request):
-            return True, rule["name"]
-    return audit, None
+    return reference_decide(policy, request, _user_rule_holds)  # type: ignore[arg-type]
 
 
 @SETTINGS
