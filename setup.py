@@ -28,12 +28,17 @@ SOURCES: dict[str, Path] = LISTING["source_files"](ROOT)
 _MYPYC_OPTIONS = ["--config-file", str(ROOT / "mypyc.ini")]
 
 
+# The digests of the sources as mypyc read them, taken just before it does: a source edited
+# while the (minute-long) build runs is then seen as changed since it was compiled.
+_DIGESTS: dict[str, str] = {}
+
+
 def _write_digests(target: Path) -> None:
     lines = [
         '"""Written by setup.py: the SHA-256 of each source compiled by mypyc in this build."""',
         "",
         "DIGESTS = {",
-        *(f"    {name!r}: {LISTING['source_digest'](path)!r}," for name, path in SOURCES.items()),
+        *(f"    {name!r}: {digest!r}," for name, digest in _DIGESTS.items()),
         "}",
         "",
     ]
@@ -71,6 +76,7 @@ def compiled_extensions() -> list[Extension]:
         # An sdist leaves out the link through which mypyc names mesh_middleware.adapters.
         mapped.symlink_to(Path("..") / "adapters")
     relative = [str(path.relative_to(ROOT)) for path in SOURCES.values()]
+    _DIGESTS.update({name: LISTING["source_digest"](path) for name, path in SOURCES.items()})
     try:
         extensions = mypycify(
             [*_MYPYC_OPTIONS, *relative], opt_level="3", group_name="mesh_middleware"

@@ -67,12 +67,8 @@ def get_caller(scope_or_environ: object) -> CallerIdentity | None:
     >>> get_caller(request)  # doctest: +SKIP
     CallerIdentity(service='orders', ...)
     """
-    holder = getattr(scope_or_environ, "scope", None) or getattr(scope_or_environ, "environ", None)
-    mapping = holder if holder is not None else scope_or_environ
-    if isinstance(mapping, dict):
-        caller = mapping.get("mesh.caller")
-        return caller if isinstance(caller, CallerIdentity) else None
-    return None
+    caller = _request_value(scope_or_environ, "mesh.caller")
+    return caller if isinstance(caller, CallerIdentity) else None
 
 
 def get_user(scope_or_environ: object) -> EndUser | None:
@@ -83,12 +79,8 @@ def get_user(scope_or_environ: object) -> EndUser | None:
     >>> get_user(request).claims["email"]  # doctest: +SKIP
     'alice@example.com'
     """
-    holder = getattr(scope_or_environ, "scope", None) or getattr(scope_or_environ, "environ", None)
-    mapping = holder if holder is not None else scope_or_environ
-    if isinstance(mapping, dict):
-        user = mapping.get("mesh.user")
-        return user if isinstance(user, EndUser) else None
-    return None
+    user = _request_value(scope_or_environ, "mesh.user")
+    return user if isinstance(user, EndUser) else None
 
 
 def get_deadline(scope_or_environ: object = None) -> Deadline | None:
@@ -101,9 +93,12 @@ def get_deadline(scope_or_environ: object = None) -> Deadline | None:
     """
     if scope_or_environ is None:
         return current_deadline.get()
+    deadline = _request_value(scope_or_environ, "mesh.deadline")
+    return deadline if isinstance(deadline, Deadline) else None
+
+
+def _request_value(scope_or_environ: object, key: str) -> object:
+    """What the middleware put under ``key`` in the request's ASGI scope or WSGI environ."""
     holder = getattr(scope_or_environ, "scope", None) or getattr(scope_or_environ, "environ", None)
     mapping = holder if holder is not None else scope_or_environ
-    if isinstance(mapping, dict):
-        deadline = mapping.get("mesh.deadline")
-        return deadline if isinstance(deadline, Deadline) else None
-    return None
+    return mapping.get(key) if isinstance(mapping, dict) else None

@@ -223,20 +223,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _private_channel(urls: str) -> bool:
     """Whether every registry URL of the (comma-separated) list is HTTPS or on this host."""
-    import ipaddress
     from urllib.parse import urlsplit
+
+    from mesh_middleware.loopback import is_loopback_host
 
     def private(url: str) -> bool:
         parts = urlsplit(url.strip())
         if parts.scheme == "https":
             return True
-        host = parts.hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(parts.hostname or "")
 
     return all(private(url) for url in urls.split(","))
 

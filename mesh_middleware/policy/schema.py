@@ -6,7 +6,6 @@ validates YAML against them, and the compiler reads only validated models.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -24,6 +23,7 @@ from pydantic import (
 )
 
 from mesh_middleware.identity.spiffe import SERVICE_NAME
+from mesh_middleware.loopback import is_loopback_host
 from mesh_middleware.policy.claims import claim_path_problem
 from mesh_middleware.policy.durations import DURATION_PATTERN, parse_duration
 from mesh_middleware.policy.paths import normalized_pattern_problem
@@ -241,15 +241,6 @@ def _mtls_mode(value: Any) -> Any:
     return "off" if value is False else value
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _key_url(value: str) -> str:
     try:
         parts = urlsplit(value)
@@ -258,7 +249,7 @@ def _key_url(value: str) -> str:
         raise ValueError(f"{value!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         # Keys fetched in plaintext could be swapped on the way: https, but for this machine.
         raise ValueError(f"{value!r}: keys are fetched over https (plain http only on loopback)")
     return value

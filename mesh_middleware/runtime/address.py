@@ -17,13 +17,14 @@ Anything else needs ``MESH_ADVERTISE``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from mesh_middleware.loopback import is_loopback_host
 
 __all__ = [
     "AddressFinder",
@@ -116,13 +117,6 @@ def listening_sockets(proc: str | Path = "/proc/self") -> list[Listener]:
     return found
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def choose_listener(listeners: list[Listener], prefer_port: int | None = None) -> Listener | None:
     """The socket to advertise when a process listens on several.
 
@@ -134,7 +128,7 @@ def choose_listener(listeners: list[Listener], prefer_port: int | None = None) -
         return None
     return min(
         listeners,
-        key=lambda s: (s.port != prefer_port, _is_loopback(s.host), ":" in s.host, s.port),
+        key=lambda s: (s.port != prefer_port, is_loopback_host(s.host), ":" in s.host, s.port),
     )
 
 

@@ -256,15 +256,20 @@ def _rule(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @st.composite
-def _policy(draw: st.DrawFn) -> dict[str, Any]:
-    rules = draw(st.lists(_rule(), max_size=8))
-    for index, rule in enumerate(rules):
-        rule["name"] = f"r{index}"
+def _policy(
+    draw: st.DrawFn,
+    rule: st.SearchStrategy[dict[str, Any]] | None = None,
+    inbound: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    rules = draw(st.lists(rule if rule is not None else _rule(), max_size=8))
+    for index, each in enumerate(rules):
+        each["name"] = f"r{index}"
     mode = draw(st.sampled_from(["enforce", "enforce", "audit"]))
     return {
         "service": "svc",
         "inbound": {
             "authentication": "permissive",
+            **(inbound or {}),
             "authorization": {"mode": mode, "rules": rules},
         },
     }
@@ -513,20 +518,9 @@ def _user_rule(draw: st.DrawFn) -> dict[str, Any]:
     return rule
 
 
-@st.composite
-def _user_policy(draw: st.DrawFn) -> dict[str, Any]:
-    rules = draw(st.lists(_user_rule(), max_size=8))
-    for index, rule in enumerate(rules):
-        rule["name"] = f"r{index}"
-    mode = draw(st.sampled_from(["enforce", "enforce", "audit"]))
-    return {
-        "service": "svc",
-        "inbound": {
-            "authentication": "permissive",
-            "end_users": {"issuers": [{"issuer": "https://idp.test"}]},
-            "authorization": {"mode": mode, "rules": rules},
-        },
-    }
+def _user_policy() -> st.SearchStrategy[dict[str, Any]]:
+    end_users = {"end_users": {"issuers": [{"issuer": "https://idp.test"}]}}
+    return _policy(_user_rule(), end_users)
 
 
 _CLAIM_VALUE = st.one_of(

@@ -38,15 +38,22 @@ def _wait(check: object, within: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def _mesh(idp: OidcProvider, path: Path) -> Mesh:
+    """A Mesh whose issuer's keys were fetched (in the background, from its start)."""
+    path.write_text(POLICY.format(issuer=idp.issuer))
+    mesh = Mesh(path, watch=False)
+    (store,) = mesh.end_user_keys.stores()
+    _wait(lambda: store.loaded)
+    return mesh
+
+
 def test_keys_are_fetched_at_start_and_kept_across_reloads(
     idp: OidcProvider, tmp_path: Path
 ) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text(POLICY.format(issuer=idp.issuer))
-    mesh = Mesh(path, watch=False)
+    mesh = _mesh(idp, path)
     try:
         (store,) = mesh.end_user_keys.stores()
-        _wait(lambda: store.loaded)
         token = idp.token("alice")
         admitted = mesh.inbound.admit("GET", "/", None, {"authorization": f"Bearer {token}"})
         assert admitted.status is None and admitted.user is not None
@@ -71,13 +78,9 @@ def test_keys_are_fetched_at_start_and_kept_across_reloads(
 def test_refreshes_on_schedule_and_backs_off_through_an_outage(
     idp: OidcProvider, tmp_path: Path
 ) -> None:
-    path = tmp_path / "policy.yaml"
-    path.write_text(POLICY.format(issuer=idp.issuer))
-    mesh = Mesh(path, watch=False)
+    mesh = _mesh(idp, tmp_path / "policy.yaml")
     try:
         keyring = mesh.end_user_keys
-        (store,) = keyring.stores()
-        _wait(lambda: store.loaded)
         token = idp.token("alice")
         before = idp.stats()["jwks"]
         keyring.tick(now=time.monotonic())  # not due yet: nothing fetched
