@@ -333,13 +333,14 @@ class MeshMiddleware:
             scope[CALLER_SCOPE_KEY] = caller
             user = admission.user
             scope[USER_SCOPE_KEY] = user
-            if deadline is None and user is None:
+            forward = admission.forward
+            if deadline is None and forward is None:
                 await self.app(scope, receive, answer.send)
                 return
             # Outbound calls made while serving this request never outlive its caller, and
             # may forward its end user.
             deadline_token = current_deadline.set(deadline) if deadline is not None else None
-            user_token = current_user.set(user) if user is not None else None
+            user_token = current_user.set(forward) if forward is not None else None
             if deadline is not None:
                 scope[DEADLINE_SCOPE_KEY] = deadline
             try:

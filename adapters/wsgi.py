@@ -292,13 +292,14 @@ class MeshWSGIMiddleware:
             environ[CALLER_ENVIRON_KEY] = caller
             user = admission.user
             environ[USER_ENVIRON_KEY] = user
-            if deadline is None and user is None:
+            forward = admission.forward
+            if deadline is None and forward is None:
                 return _Body(self.app(environ, answer.start_response), finish)
             # Outbound calls made while serving this request never outlive its caller (a
             # response body generated after the view returned runs without the deadline),
             # and may forward its end user.
             deadline_token = current_deadline.set(deadline) if deadline is not None else None
-            user_token = current_user.set(user) if user is not None else None
+            user_token = current_user.set(forward) if forward is not None else None
             if deadline is not None:
                 environ[DEADLINE_ENVIRON_KEY] = deadline
             try:

@@ -40,6 +40,7 @@ __all__ = [
 
 COMPILED_MODULES = (
     "mesh_middleware.adapters.asgi",
+    "mesh_middleware.identity.end_user",
     "mesh_middleware.identity.verifier",
     "mesh_middleware.inbound.engine",
     "mesh_middleware.inbound.telemetry",

@@ -4,8 +4,11 @@ Hierarchy::
 
     MeshError
     ├── PolicyError          a policy file is unreadable or invalid (carries every issue found)
-    ├── IdentityError        a mesh identity token was rejected (carries the reason)
-    │   └── UnknownSigningKey   the token names a key id the verifier does not know (yet)
+    ├── IdentityError        a mesh identity or end-user token was rejected (carries the reason)
+    │   ├── UnknownSigningKey   the token names a key id the verifier does not know (yet)
+    │   │   └── UnknownUserSigningKey   … of an end-user issuer
+    │   │       └── EndUserKeysPending     that issuer's first key fetch is under way
+    │   └── EndUserKeysUnavailable      that issuer's keys were never fetched (503)
     └── RequestError         a request the mesh cannot judge safely (answered with 400)
         ├── PathError           its path cannot be normalized safely
         └── RepeatedHeader      a header a policy condition reads appears more than once
@@ -14,14 +17,18 @@ Hierarchy::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "EndUserKeysPending",
+    "EndUserKeysUnavailable",
     "IdentityError",
     "MeshError",
     "PathError",
     "PolicyError",
     "PolicyIssue",
     "UnknownSigningKey",
+    "UnknownUserSigningKey",
 ]
 
 
@@ -66,6 +73,28 @@ class UnknownSigningKey(IdentityError):
     def __init__(self, kid: str) -> None:
         self.kid = kid
         super().__init__(f"unknown signing key {kid!r}")
+
+
+class UnknownUserSigningKey(UnknownSigningKey):
+    """An end-user token names a key its issuer's key set lacks; ``keys`` (that issuer's
+    :class:`~mesh_middleware.identity.oidc.IssuerKeys`) may find it on a refetch."""
+
+    def __init__(self, kid: str, keys: Any) -> None:
+        super().__init__(kid)
+        self.keys = keys
+        self.reason = f"end-user token signed with unknown key {kid!r}"
+
+
+class EndUserKeysPending(UnknownUserSigningKey):
+    """The issuer's first key fetch is under way: worth waiting for briefly, else 503."""
+
+    def __init__(self, kid: str, keys: Any) -> None:
+        super().__init__(kid, keys)
+        self.reason = f"the keys of issuer {keys.issuer!r} are not available yet"
+
+
+class EndUserKeysUnavailable(IdentityError):
+    """No key of the token's issuer has ever been fetched: the request cannot be judged (503)."""
 
 
 class RequestError(MeshError):

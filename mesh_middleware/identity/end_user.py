@@ -15,17 +15,12 @@ import base64
 import binascii
 import contextlib
 import json
-import os
-import random
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joserfc import errors as jose_errors
 from joserfc import jwt
@@ -33,16 +28,24 @@ from joserfc.jwk import Key
 from mypy_extensions import mypyc_attr
 
 from mesh_middleware import defaults
-from mesh_middleware.errors import IdentityError, RequestError, UnknownSigningKey
-from mesh_middleware.identity.oidc import IssuerKeys, parse_issuer_jwks
+from mesh_middleware.errors import (
+    EndUserKeysPending,
+    EndUserKeysUnavailable,
+    IdentityError,
+    RequestError,
+    UnknownUserSigningKey,
+)
+from mesh_middleware.identity.oidc import IssuerKeys
 from mesh_middleware.identity.tokens import FORBIDDEN_HEADER_PARAMETERS
 from mesh_middleware.identity.verifier import validate_claims
 from mesh_middleware.policy.schema import EndUserIssuer, EndUsersPolicy
 
+if TYPE_CHECKING:
+    from mesh_middleware.identity.end_user_keys import EndUserKeyring
+
 __all__ = [
     "EndUser",
     "EndUserAuthentication",
-    "EndUserKeyring",
     "EndUserKeysPending",
     "EndUserKeysUnavailable",
     "UnknownUserSigningKey",
@@ -68,112 +71,15 @@ class EndUser:
     expires_at: float
     forwarded_by: str | None = None
     principal: str = field(default="", compare=False)
+    memo: dict[object, bool] = field(default_factory=dict, compare=False, repr=False)
+    """What each rule's end-user conditions made of this user (they depend on it alone)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "principal", f"{self.issuer}/{self.subject}")
 
 
-class UnknownUserSigningKey(UnknownSigningKey):
-    """An end-user token names a key its issuer's key set lacks; ``keys`` may find it."""
-
-    def __init__(self, kid: str, keys: IssuerKeys) -> None:
-        super().__init__(kid)
-        self.keys = keys
-        self.reason = f"end-user token signed with unknown key {kid!r}"
-
-
-class EndUserKeysUnavailable(IdentityError):
-    """No key of the token's issuer has ever been fetched: the request cannot be judged (503)."""
-
-
-class EndUserKeysPending(UnknownUserSigningKey):
-    """The issuer's first key fetch is under way: worth waiting for briefly, else 503."""
-
-    def __init__(self, kid: str, keys: IssuerKeys) -> None:
-        super().__init__(kid, keys)
-        self.reason = f"the keys of issuer {keys.issuer!r} are not available yet"
-
-
-class EndUserKeyring:
-    """The key sets of every issuer a Mesh's policies name, kept across policy reloads."""
-
-    def __init__(self, *, fetch_timeout: float = defaults.JWKS_FETCH_TIMEOUT_SECONDS) -> None:
-        self._stores: dict[tuple[str, str | None, str | None], IssuerKeys] = {}
-        self._fetch_timeout = fetch_timeout
-        self._due: dict[tuple[str, str | None, str | None], float] = {}
-        self._failures: dict[tuple[str, str | None, str | None], int] = {}
-        ref = weakref.ref(self)
-
-        def due_in_child() -> None:
-            # Fetches the parent had under way never end in a forked child: all due now.
-            keyring = ref()
-            if keyring is not None:
-                keyring._due = dict.fromkeys(keyring._due, 0.0)
-
-        os.register_at_fork(after_in_child=due_in_child)
-
-    def keys_for(self, spec: EndUserIssuer) -> IssuerKeys:
-        """The key set for ``spec``: the one held already, or a new one fetched at once."""
-        key = _store_key(spec)
-        store = self._stores.get(key)
-        if store is None:
-            if spec.jwks is not None:
-                store = IssuerKeys(spec.issuer, keys=parse_issuer_jwks(spec.jwks))
-            else:
-                store = IssuerKeys(
-                    spec.issuer, jwks_uri=spec.jwks_uri, fetch_timeout=self._fetch_timeout
-                )
-                future = store.fetch_in_background()
-                self._due[key] = float("inf")
-                if future is not None:
-                    future.add_done_callback(partial(self._fetched, key))
-            self._stores[key] = store
-        return store
-
-    def stores(self) -> list[IssuerKeys]:
-        return list(self._stores.values())
-
-    def retain(self, specs: Iterable[EndUserIssuer]) -> None:
-        """Forget the key sets of issuers no policy in force names any more."""
-        keep = {_store_key(spec) for spec in specs}
-        for key in [k for k in self._stores if k not in keep]:
-            del self._stores[key]
-            self._due.pop(key, None)
-            self._failures.pop(key, None)
-
-    def tick(self, now: float | None = None) -> None:
-        """Start refreshes of the key sets that are due, each in its own thread (never blocks).
-
-        A failed refresh keeps the last good keys and is tried again soon, then less often
-        (5 s doubling to 60 s); a good one is repeated every 5 minutes (jittered).
-        """
-        now = time.monotonic() if now is None else now
-        for key, store in list(self._stores.items()):
-            if store.source is None or now < self._due.get(key, 0.0):
-                continue
-            future = store.fetch_in_background()
-            if future is None:
-                continue
-            self._due[key] = float("inf")  # until this fetch ends
-            future.add_done_callback(partial(self._fetched, key))
-
-    def _fetched(self, key: tuple[str, str | None, str | None], future: Future[bool]) -> None:
-        now = time.monotonic()
-        if not future.exception() and future.result():
-            self._failures.pop(key, None)
-            self._due[key] = now + defaults.JWKS_REFRESH_SECONDS * _jitter()
-            return
-        failures = self._failures[key] = self._failures.get(key, 0) + 1
-        self._due[key] = now + min(60.0, 5.0 * 2 ** (failures - 1)) * _jitter()
-
-
-def _store_key(spec: EndUserIssuer) -> tuple[str, str | None, str | None]:
-    inline = json.dumps(spec.jwks, sort_keys=True) if spec.jwks is not None else None
-    return (spec.issuer, spec.jwks_uri, inline)
-
-
-def _jitter() -> float:
-    return random.uniform(0.9, 1.1)
+Location = tuple[str, str, str]
+"""Where a token is read: (lower-case header name, lower-case prefix, cookie name or "")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,15 +88,13 @@ class _Issuer:
     keys: IssuerKeys | None
     algorithms: frozenset[str]
     audiences: frozenset[str]
-    headers: frozenset[tuple[str, str]]
-    cookies: frozenset[str]
+    accepted: frozenset[Location]
+    clock_skew: float
 
 
-@dataclass(frozen=True, slots=True)
-class _Location:
-    header: str  # lower-case header name, or "cookie"
-    prefix: str
-    cookie: str | None = None
+def _locations(spec: EndUserIssuer) -> list[Location]:
+    found = [(h.name, h.prefix.lower(), "") for h in spec.locations]
+    return found + [("cookie", "", name) for name in spec.from_cookies]
 
 
 class EndUserAuthentication:
@@ -215,12 +119,9 @@ class EndUserAuthentication:
         self._issuers: dict[str, _Issuer] = {
             spec.issuer: _issuer(spec, None) for spec in settings.issuers
         }
-        locations: list[_Location] = []
+        locations: list[Location] = []
         for spec in settings.issuers:
-            for header in spec.locations:
-                locations.append(_Location(header.name, header.prefix))
-            for cookie in spec.from_cookies:
-                locations.append(_Location("cookie", "", cookie))
+            locations.extend(_locations(spec))
         self.locations = tuple(dict.fromkeys(locations))
 
     @property
@@ -244,21 +145,18 @@ class EndUserAuthentication:
         self._epoch += 1
         self._cache = {}
 
-    def token_in(self, headers: Mapping[str, str]) -> tuple[str, _Location] | None:
+    def token_in(self, headers: Mapping[str, str]) -> tuple[str, Location] | None:
         """The end-user token the request carries, and where; ``None`` when it has none.
 
         Raises :class:`RequestError` when several locations carry different tokens.
         """
-        found: tuple[str, _Location] | None = None
+        found: tuple[str, Location] | None = None
         for location in self.locations:
-            raw = headers.get(location.header)
+            header, prefix, cookie = location
+            raw = headers.get(header)
             if raw is None:
                 continue
-            token = (
-                _cookie(raw, location.cookie)
-                if location.cookie
-                else _after_prefix(raw, location.prefix)
-            )
+            token = _cookie(raw, cookie) if cookie else _after_prefix(raw, prefix)
             if token is None:
                 continue
             if found is not None and found[0] != token:
@@ -267,15 +165,15 @@ class EndUserAuthentication:
                 found = (token, location)
         return found
 
-    def verify(self, token: str, location: _Location | None = None) -> EndUser:
+    def verify(self, token: str, location: Location | None = None) -> EndUser:
         """The end user ``token`` names, or raise :class:`IdentityError` saying why not."""
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
             issuer = self._issuers.get(cached.issuer)
-            if issuer is None or not _accepts(issuer, location):
+            if issuer is None or (location is not None and location not in issuer.accepted):
                 raise IdentityError("end-user token is not accepted where it was sent")
-            if now >= cached.expires_at + issuer.spec.clock_skew:
+            if now >= cached.expires_at + issuer.clock_skew:
                 self._cache.pop(token, None)
                 raise IdentityError("end-user token expired")
             return cached
@@ -291,7 +189,7 @@ class EndUserAuthentication:
         cache[token] = user
         return user
 
-    def _verify_uncached(self, token: str, location: _Location | None, now: float) -> EndUser:
+    def _verify_uncached(self, token: str, location: Location | None, now: float) -> EndUser:
         if len(token) > MAX_USER_TOKEN_BYTES:
             raise IdentityError("end-user token is too large")
         header, payload = _segments(token)
@@ -299,7 +197,7 @@ class EndUserAuthentication:
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise IdentityError("end-user token issuer is not trusted here")
-        if not _accepts(issuer, location):
+        if location is not None and location not in issuer.accepted:
             raise IdentityError("end-user token is not accepted where it was sent")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in issuer.algorithms:
@@ -343,30 +241,23 @@ def _issuer(spec: EndUserIssuer, keys: IssuerKeys | None) -> _Issuer:
         keys=keys,
         algorithms=frozenset(spec.algorithms),
         audiences=frozenset(spec.audiences),
-        headers=frozenset((h.name, h.prefix) for h in spec.locations),
-        cookies=frozenset(spec.from_cookies),
+        accepted=frozenset(_locations(spec)),
+        clock_skew=spec.clock_skew,
     )
 
 
-def _accepts(issuer: _Issuer, location: _Location | None) -> bool:
-    if location is None:
-        return True
-    if location.cookie is not None:
-        return location.cookie in issuer.cookies
-    return (location.header, location.prefix) in issuer.headers
-
-
 def _after_prefix(raw: str, prefix: str) -> str | None:
+    """The token after ``prefix`` (lower-case; matched in any case, as Envoy does)."""
     if not prefix:
         token = raw.strip()
-    elif raw[: len(prefix)].lower() == prefix.lower():  # "bearer " as Envoy: any case
+    elif raw[: len(prefix)].lower() == prefix:
         token = raw[len(prefix) :].strip()
     else:
         return None
     return token or None
 
 
-def _cookie(raw: str, name: str | None) -> str | None:
+def _cookie(raw: str, name: str) -> str | None:
     for part in raw.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
@@ -420,7 +311,7 @@ def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
     options["exp"] = {"essential": True}
     if issuer.audiences:
         options["aud"] = {"essential": True, "values": sorted(issuer.audiences)}
-    registry = jwt.JWTClaimsRegistry(now=int(now), leeway=int(issuer.spec.clock_skew), **options)
+    registry = jwt.JWTClaimsRegistry(now=int(now), leeway=int(issuer.clock_skew), **options)
     validate_claims(registry, claims, "end-user token")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise IdentityError("end-user token subject (sub) is not a string")

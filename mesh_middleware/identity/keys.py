@@ -87,16 +87,25 @@ class KeyStoreBase(Generic[K]):
         self.listeners: list[Callable[[], None]] = []
         ref = weakref.ref(self)
 
+        def finish_before_fork() -> None:
+            # A fork in the middle of a fetch would copy whatever lock its thread held (in
+            # httpx, ssl, an import) into the child, locked for good: let the fetch end first
+            # (bounded by its own deadline).
+            store = ref()
+            future = store._inflight if store is not None else None
+            if future is not None and store is not None:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=store._timeout + 1.0)
+
         def reset_in_child() -> None:
-            # A fetch under way in the parent has no thread in a forked child (gunicorn's
-            # workers): its future would never complete. The child starts afresh.
+            # A fetch still under way in the parent has no thread in the child: start afresh.
             store = ref()
             if store is not None:
                 store._fetch_lock = threading.Lock()
                 store._state_lock = threading.Lock()
                 store._inflight = None
 
-        os.register_at_fork(after_in_child=reset_in_child)
+        os.register_at_fork(before=finish_before_fork, after_in_child=reset_in_child)
 
     @property
     def sources(self) -> tuple[str, ...]:

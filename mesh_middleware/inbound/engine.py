@@ -50,7 +50,8 @@ class Admission:
     ``status`` with ``body``. ``delay`` is waited first either way. ``path`` is set when
     normalization changed the path the app should see. ``unknown_kid`` asks the adapter to
     refetch keys and admit again: the Mesh's keys, or ``keys`` when set (an end-user issuer's).
-    ``user`` is the verified end user (``None``: anonymous).
+    ``user`` is the verified end user (``None``: anonymous); ``forward`` is that user too when
+    the policy forwards end users to upstream services (the adapters then put it in context).
     """
 
     # A plain class, not a dataclass: compiled, a slotted dataclass keeps the interpreted
@@ -61,6 +62,7 @@ class Admission:
         "decision",
         "delay",
         "fault",
+        "forward",
         "keys",
         "path",
         "status",
@@ -91,6 +93,7 @@ class Admission:
         self.unknown_kid = unknown_kid
         self.user = user
         self.keys = keys
+        self.forward: EndUser | None = None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _ADMISSION_FIELDS)
@@ -243,6 +246,8 @@ class InboundEngine:
             if decision.audit:
                 _record_denial(policy.service, decision, name, method, path, user)
             admission = Admission(None, b"", caller, decision, 0.0, changed, user=user)
+            if user is not None and policy.forward_user_to is not None:
+                admission.forward = user
             if not policy.faults:
                 return admission
             return self._faults(policy, admission, name, method, path, headers)

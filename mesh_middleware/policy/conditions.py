@@ -126,7 +126,20 @@ class Conditions:
         return True
 
     def user_holds(self, user: EndUser | None) -> bool:
-        """Whether the end-user conditions hold for ``user`` (``None``: anonymous)."""
+        """Whether the end-user conditions hold for ``user`` (``None``: anonymous).
+
+        Remembered on the user: a verified user is one object for every request with its token
+        (the verification cache), so its claims are matched once per rule, not per request.
+        """
+        if user is None:
+            return self._user_holds(None)
+        memo = user.memo
+        held = memo.get(self)
+        if held is None:
+            held = memo[self] = self._user_holds(user)
+        return held
+
+    def _user_holds(self, user: EndUser | None) -> bool:
         principal = user.principal if user is not None else None
         if self.users is not None and not self.users.matches(principal):
             return False

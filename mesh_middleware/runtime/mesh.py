@@ -18,7 +18,7 @@ import structlog
 from mesh_middleware import defaults
 from mesh_middleware.discovery.catalog import Discovery
 from mesh_middleware.errors import IdentityError
-from mesh_middleware.identity.end_user import EndUserKeyring
+from mesh_middleware.identity.end_user_keys import EndUserKeyring
 from mesh_middleware.identity.forwarded_user import UserForwarder
 from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import service_id

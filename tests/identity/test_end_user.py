@@ -20,11 +20,11 @@ from joserfc.jwk import ECKey, RSAKey
 from mesh_middleware.errors import IdentityError, RequestError
 from mesh_middleware.identity.end_user import (
     EndUserAuthentication,
-    EndUserKeyring,
     EndUserKeysPending,
     EndUserKeysUnavailable,
     UnknownUserSigningKey,
 )
+from mesh_middleware.identity.end_user_keys import EndUserKeyring
 from mesh_middleware.policy.schema import EndUsersPolicy
 from tests.support.oidc_provider import OidcProvider, oidc_provider
 
@@ -248,8 +248,11 @@ def test_expiry_is_checked_again_on_a_cache_hit(idp: OidcProvider) -> None:
     auth.bind(keyring)
     keyring.stores()[0].refresh()
     token = idp.token("alice", audience=AUDIENCE, lifetime=60)
-    assert auth.verify(token).subject == "alice"
-    clock[0] += 61
+    user = auth.verify(token)
+    assert user.subject == "alice"
+    clock[0] = user.expires_at - 1  # still good, from the cache
+    assert auth.verify(token) is user
+    clock[0] = user.expires_at + 1
     assert _reason(auth, token) == "end-user token expired"
 
 
