@@ -11,10 +11,7 @@ bounded cache until they expire.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +34,7 @@ from mesh_middleware.errors import (
 )
 from mesh_middleware.identity.oidc import IssuerKeys
 from mesh_middleware.identity.tokens import FORBIDDEN_HEADER_PARAMETERS
-from mesh_middleware.identity.verifier import validate_claims
+from mesh_middleware.identity.verifier import unverified_segments, validate_claims
 from mesh_middleware.policy.schema import EndUserIssuer, EndUsersPolicy
 
 if TYPE_CHECKING:
@@ -192,7 +189,7 @@ class EndUserAuthentication:
     def _verify_uncached(self, token: str, location: Location | None, now: float) -> EndUser:
         if len(token) > MAX_USER_TOKEN_BYTES:
             raise IdentityError("end-user token is too large")
-        header, payload = _segments(token)
+        header, payload = unverified_segments(token, "end-user token", 2)
         iss = payload.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
@@ -263,24 +260,6 @@ def _cookie(raw: str, name: str) -> str | None:
         if sep and key == name:
             return value.strip().strip('"') or None
     return None
-
-
-def _b64json(segment: str, what: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError):
-        raise IdentityError(f"end-user token {what} is malformed") from None
-    if not isinstance(value, dict):
-        raise IdentityError(f"end-user token {what} is malformed")
-    return value
-
-
-def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts):
-        raise IdentityError("end-user token is not a compact JWS")
-    return _b64json(parts[0], "header"), _b64json(parts[1], "payload")
 
 
 def _decode(token: str, candidates: Iterable[Key], alg: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from mesh_middleware.identity.keys import KeyStore
 from mesh_middleware.identity.spiffe import parse_service_id
 from mesh_middleware.identity.tokens import ACCEPTED_ALGORITHMS, FORBIDDEN_HEADER_PARAMETERS
 
-__all__ = ["CallerIdentity", "TokenVerifier", "validate_claims"]
+__all__ = ["CallerIdentity", "TokenVerifier", "unverified_segments", "validate_claims"]
 
 
 @mypyc_attr(native_class=False)  # public: a native class would lose its docstring
@@ -115,7 +115,7 @@ class TokenVerifier:
     def _verify_uncached(self, token: str, audience: str, now: float) -> _Verified:
         if len(token) > defaults.MAX_TOKEN_BYTES:
             raise IdentityError("identity token is too large")
-        header = _header_of(token)
+        header = unverified_segments(token, "identity token")[0]
         alg = header.get("alg")
         if alg not in ACCEPTED_ALGORITHMS:
             raise IdentityError(f"identity token algorithm {alg!r} is not accepted")
@@ -213,16 +213,19 @@ def _confirmation(cnf: Any) -> str | None:
     return x if isinstance(x, str) and x else None
 
 
-def _header_of(token: str) -> dict[str, Any]:
+def unverified_segments(token: str, what: str, count: int = 1) -> list[dict[str, Any]]:
+    """The first ``count`` segments (header, then payload) of a compact JWS, decoded but not
+    verified, for choosing how to verify it; raise :class:`IdentityError` about ``what``."""
     parts = token.split(".")
     if len(parts) != 3 or not all(parts):
-        raise IdentityError("identity token is not a compact JWS")
-    segment = parts[0]
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        header = json.loads(raw)
-    except (binascii.Error, ValueError):
-        raise IdentityError("identity token header is malformed") from None
-    if not isinstance(header, dict):
-        raise IdentityError("identity token header is malformed")
-    return header
+        raise IdentityError(f"{what} is not a compact JWS")
+    decoded = []
+    for segment, name in zip(parts[:count], ("header", "payload"), strict=False):
+        try:
+            value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        except (binascii.Error, ValueError):
+            raise IdentityError(f"{what} {name} is malformed") from None
+        if not isinstance(value, dict):
+            raise IdentityError(f"{what} {name} is malformed")
+        decoded.append(value)
+    return decoded

@@ -189,48 +189,11 @@ class InboundEngine:
                 return Admission(401, _MISSING_IDENTITY, path=changed)
             name = caller.service if caller is not None else None
             user: EndUser | None = None
-            end_users = policy.end_users
-            if end_users is not None:
-                found = end_users.token_in(headers)
-                if found is not None:
-                    try:
-                        user = end_users.verify(found[0], found[1])
-                    except EndUserKeysPending as exc:
-                        # The first fetch of the issuer's keys is under way: wait for it
-                        # (the adapter does, briefly), then decide again; else 503.
-                        return Admission(
-                            503,
-                            error_body("mesh_unavailable", exc.reason),
-                            path=changed,
-                            unknown_kid=exc.kid,
-                            keys=exc.keys,
-                        )
-                    except UnknownUserSigningKey as exc:
-                        return Admission(
-                            401,
-                            error_body("unauthenticated", exc.reason),
-                            path=changed,
-                            unknown_kid=exc.kid,
-                            keys=exc.keys,
-                        )
-                    except EndUserKeysUnavailable as exc:
-                        return Admission(
-                            503, error_body("mesh_unavailable", exc.reason), path=changed
-                        )
-                    except IdentityError as exc:
-                        return Admission(
-                            401, error_body("unauthenticated", exc.reason), path=changed
-                        )
-                elif caller is not None and policy.forwarded_from is not None:
-                    # A user forwarded by a mesh service this policy trusts to vouch for one.
-                    forwarded = headers.get(_FORWARDED_USER)
-                    if forwarded is not None and policy.forwarded_from.matches(caller.service):
-                        try:
-                            user = self._forwarded.verify(forwarded, caller, audience)
-                        except IdentityError as exc:
-                            return Admission(
-                                401, error_body("unauthenticated", exc.reason), path=changed
-                            )
+            if policy.end_users is not None:
+                try:
+                    user = self._end_user(policy, headers, caller, audience)
+                except IdentityError as exc:
+                    return _refused_user(exc, changed)
             decision = policy.authorizer.decide(name, method, path, headers, user)
             metrics.note_decision(decision.labels)
             if not decision.allowed:
@@ -256,6 +219,28 @@ class InboundEngine:
         except Exception:
             log.exception("inbound_engine_failed", method=method, path=raw_path)
             return Admission(503, _ENGINE_FAILED)
+
+    def _end_user(
+        self,
+        policy: CompiledPolicy,
+        headers: Mapping[str, str],
+        caller: CallerIdentity | None,
+        audience: str,
+    ) -> EndUser | None:
+        """The verified end user: from a token where the policy's issuers read them, or
+        forwarded by a caller the policy trusts to vouch for users; ``None``: anonymous."""
+        end_users = policy.end_users
+        assert end_users is not None
+        found = end_users.token_in(headers)
+        if found is not None:
+            return end_users.verify(found[0], found[1])
+        trusted = policy.forwarded_from
+        if caller is None or trusted is None:
+            return None
+        forwarded = headers.get(_FORWARDED_USER)
+        if forwarded is None or not trusted.matches(caller.service):
+            return None
+        return self._forwarded.verify(forwarded, caller, audience)
 
     def _faults(
         self,
@@ -286,6 +271,18 @@ class InboundEngine:
                 )
             break
         return admission
+
+
+def _refused_user(exc: IdentityError, changed: str | None) -> Admission:
+    """401 for an end user that does not verify; 503 while its issuer's keys are unknown. An
+    unknown key, or keys still being fetched, asks the adapter to wait for them and try again."""
+    unavailable = isinstance(exc, EndUserKeysPending | EndUserKeysUnavailable)
+    body = error_body("mesh_unavailable" if unavailable else "unauthenticated", exc.reason)
+    if isinstance(exc, UnknownUserSigningKey):
+        return Admission(
+            503 if unavailable else 401, body, path=changed, unknown_kid=exc.kid, keys=exc.keys
+        )
+    return Admission(503 if unavailable else 401, body, path=changed)
 
 
 def _record_denial(
