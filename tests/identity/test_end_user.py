@@ -248,6 +248,7 @@ def test_expiry_is_checked_again_on_a_cache_hit(idp: OidcProvider) -> None:
     auth.bind(keyring)
     keyring.stores()[0].refresh()
     token = idp.token("alice", audience=AUDIENCE, lifetime=60)
+    clock[0] = time.time() + 1  # not before the token's iat (whole seconds), with no skew
     user = auth.verify(token)
     assert user.subject == "alice"
     clock[0] = user.expires_at - 1  # still good, from the cache
