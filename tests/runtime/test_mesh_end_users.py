@@ -44,6 +44,8 @@ def _mesh(idp: OidcProvider, path: Path) -> Mesh:
     mesh = Mesh(path, watch=False)
     (store,) = mesh.end_user_keys.stores()
     _wait(lambda: store.loaded)
+    # ...and scheduled its next one: until then the keyring holds it as under way.
+    _wait(lambda: all(due < float("inf") for due in mesh.end_user_keys._due.values()))
     return mesh
 
 
@@ -86,10 +88,10 @@ def test_refreshes_on_schedule_and_backs_off_through_an_outage(
         keyring.tick(now=time.monotonic())  # not due yet: nothing fetched
         time.sleep(0.2)
         assert idp.stats()["jwks"] == before
-        keyring.tick(now=time.monotonic() + 301)  # five minutes on: refreshed
+        keyring.tick(now=time.monotonic() + 400)  # past five minutes (+10% jitter): refreshed
         _wait(lambda: idp.stats()["jwks"] == before + 1)
         idp.outage(True)
-        _wait(lambda: keyring._due[next(iter(keyring._due))] < float("inf"))
+        _wait(lambda: all(due < float("inf") for due in keyring._due.values()))
         keyring.tick(now=time.monotonic() + 1000)
         _wait(lambda: keyring._failures)
         due = next(iter(keyring._due.values()))
