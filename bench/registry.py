@@ -1200,13 +1200,11 @@ async def _print_etcd_layout(fleet: Fleet, out: TextIO) -> None:
     )
 
 
-async def measure_round(
-    args: argparse.Namespace, fleet: Fleet, load: RenewalLoad, rate: float, n: int, out: TextIO
-) -> Round:
-    """Renewals at ``rate`` (``load``, not started yet), then the watch fan-out under them."""
-    load.start()
-    w0 = load.started_at + args.warmup
-    w1 = w0 + args.seconds
+async def measure_window(
+    fleet: Fleet, load: RenewalLoad, w0: float, w1: float, rate: float
+) -> RenewalFigures:
+    """The renewals ``load`` made from ``w0`` to ``w1`` (monotonic), with the servers' CPU and
+    the etcd calls over that window."""
     await _sleep_until(w0)
     calls0 = await fleet.etcd_calls()
     c0 = CpuSample.take(fleet)
@@ -1214,10 +1212,20 @@ async def measure_round(
     c1 = CpuSample.take(fleet)
     calls1 = await fleet.etcd_calls()
     await asyncio.sleep(1.0)  # the window's last renewals are answered meanwhile
-    renewals = renewal_figures(load, w0, w1, CpuDelta.between(c0, c1), rate)
-    renewals.etcd_calls_per_renewal = _per_renewal(
-        calls1 - calls0, renewals.completed_per_second * renewals.seconds
+    figures = renewal_figures(load, w0, w1, CpuDelta.between(c0, c1), rate)
+    figures.etcd_calls_per_renewal = _per_renewal(
+        calls1 - calls0, figures.completed_per_second * figures.seconds
     )
+    return figures
+
+
+async def measure_round(
+    args: argparse.Namespace, fleet: Fleet, load: RenewalLoad, rate: float, n: int, out: TextIO
+) -> Round:
+    """Renewals at ``rate`` (``load``, not started yet), then the watch fan-out under them."""
+    load.start()
+    w0 = load.started_at + args.warmup
+    renewals = await measure_window(fleet, load, w0, w0 + args.seconds, rate)
     spread = f", round-robin over {len(fleet.registries)} replicas" if fleet.replicated else ""
     print(
         f"renewals: {args.instances:,} instances every {load.period:g} s (open loop, random"
@@ -1361,19 +1369,8 @@ async def find_max(
                 gc.freeze()
                 await _queue_drained(load, DRAIN_TIMEOUT)
                 w0 = time.monotonic() + args.step_warmup
-                w1 = w0 + args.step_seconds
-                await _sleep_until(w0)
-                calls0 = await fleet.etcd_calls()
-                c0 = CpuSample.take(fleet)
-                await _sleep_until(w1)
-                c1 = CpuSample.take(fleet)
-                calls1 = await fleet.etcd_calls()
-                await asyncio.sleep(1.0)
-                figures = renewal_figures(
-                    load, w0, w1, CpuDelta.between(c0, c1), count / args.period
-                )
-                figures.etcd_calls_per_renewal = _per_renewal(
-                    calls1 - calls0, figures.completed_per_second * figures.seconds
+                figures = await measure_window(
+                    fleet, load, w0, w0 + args.step_seconds, count / args.period
                 )
                 missed = _missed(figures)
                 step = FindMaxStep(count / args.period, figures, not missed, missed, attempt)
