@@ -199,8 +199,7 @@ class ReplicatedCatalog(Catalog):
                     log.info("instance_removed", service=service, instance=instance_id)
             else:
                 previous = group.get(instance_id)
-                instance = Instance(stored.record, now + stored.record.ttl, stored.healthy)
-                instance.lease = stored.lease
+                instance = _fresh(stored, now)
                 if previous is not None and previous.lease == stored.lease:
                     instance.expires_at = previous.expires_at
                 self._instances.setdefault(service, {})[instance_id] = instance
@@ -215,8 +214,7 @@ class ReplicatedCatalog(Catalog):
         now = self._clock()
         self._instances = {}
         for stored in self._etcd.stored_instances():
-            instance = Instance(stored.record, now + stored.record.ttl, stored.healthy)
-            instance.lease = stored.lease
+            instance = _fresh(stored, now)
             self._instances.setdefault(stored.record.service, {})[stored.record.instance_id] = (
                 instance
             )
@@ -232,3 +230,11 @@ class ReplicatedCatalog(Catalog):
         if self._applied is not None:
             self._applied.set()
             self._applied = None
+
+
+def _fresh(stored: StoredInstance, now: float) -> Instance:
+    """The catalog's instance for what etcd holds: a full TTL from ``now`` (etcd decides the
+    real expiry through the lease)."""
+    instance = Instance(stored.record, now + stored.record.ttl, stored.healthy)
+    instance.lease = stored.lease
+    return instance
