@@ -127,6 +127,14 @@ def test_a_running_app_authenticates_and_authorizes_end_users(
                 refused = client.get("/hello", headers=_bearer(bad))
                 assert refused.status_code == 401, refused.text
                 assert refused.json()["error"] == "unauthenticated"
+            # Each worker fetches the keys once, at its start (gunicorn's second worker may do
+            # so only now): count from when every worker has answered a user of its own.
+            workers = 1 if server == "uvicorn" else 2
+            pids: set[int] = set()
+            deadline = time.monotonic() + 20
+            while len(pids) < workers and time.monotonic() < deadline:
+                pids.add(client.get("/hello", headers=_bearer(alice)).json()["pid"])
+            assert len(pids) == workers
             fetched = idp.stats()
             for _ in range(50):
                 assert client.get("/hello", headers=_bearer(alice)).status_code == 200

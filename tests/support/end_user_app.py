@@ -10,6 +10,7 @@ every other path answers who the caller and end user are.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ def _who(holder: Any) -> dict[str, Any]:
         "user": user.principal if user else None,
         "forwarded_by": user.forwarded_by if user else None,
         "claims": dict(user.claims) if user else None,
+        "pid": os.getpid(),  # which worker answered
     }
 
 
