@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from mesh_middleware.discovery.catalog import Discovery
+from mesh_middleware.outbound import call as call_module
 from mesh_middleware.outbound.call import Call, CallRefused, Next, Refusal
 from mesh_middleware.outbound.destination import Destination, resolve_settings
 from mesh_middleware.policy.compiled import compile_policy_text
@@ -110,8 +111,11 @@ def test_the_budget_stops_retries_under_a_total_outage(three: Destination) -> No
 
 
 def test_no_time_left_means_no_retry_and_a_timeout_past_the_deadline_is_deadline(
-    three: Destination,
+    three: Destination, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The backoff is full jitter, uniform in [0, 25 ms): pin it to the middle, or 0.4% of runs
+    # draw a wait under the 0.1 ms left and rightly retry.
+    monkeypatch.setattr(call_module, "backoff", lambda retry: 0.0125)
     c = call(three, deadline=NOW + 0.001)
     assert c.failed(c.pick(NOW), Failure.CONNECT_FAILURE, NOW + 0.0009) is Next.DONE
     assert c.failed(c.pick(NOW), Failure.TIMEOUT, NOW + 0.002) is Next.DEADLINE
