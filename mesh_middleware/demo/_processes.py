@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -25,12 +26,51 @@ __all__ = [
 ]
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LINUX_DEFAULT_EPHEMERAL_LOW = 32768
+_LOWEST_PORT = 10000
+_PICKS = 200
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _LINUX_DEFAULT_EPHEMERAL_LOW
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on, below the kernel's ephemeral range.
+
+    A port the kernel picks (bind to port 0) comes from the ephemeral range, which it also
+    draws every outgoing connection's source port from: under load another connection can take
+    the port before the server binds it ("address already in use"). Ports below that range are
+    only ever taken by an explicit bind. Each port is handed out once per process.
+    """
+    low = _ephemeral_low()
+    if low - _LOWEST_PORT >= 4 * _PICKS:
+        if len(_handed_out) > (low - _LOWEST_PORT) // 2:
+            _handed_out.clear()
+        for _ in range(_PICKS):
+            port = _random.randrange(_LOWEST_PORT, low)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _load_prctl() -> Callable[..., int] | None:

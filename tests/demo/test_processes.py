@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from mesh_middleware.demo import _processes
 from mesh_middleware.demo._interrupts import Interrupts
-from mesh_middleware.demo._processes import first_error, log_tail, process_ref
+from mesh_middleware.demo._processes import first_error, free_port, log_tail, process_ref
 from mesh_middleware.demo.shop import SHOP_APPS
 
 
@@ -109,3 +111,30 @@ def test_signals_become_keyboard_interrupts_except_while_ignored() -> None:
 def _signal_self(signum: int) -> None:
     os.kill(os.getpid(), signum)
     time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    """Outgoing connections draw source ports from the ephemeral range, so a server's port
+    must come from below it, or a connection can take it before the server binds."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(10000 <= port < low for port in ports)
+    for port in ports[:20]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_something_listens_on_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            idle = probe.getsockname()[1]
+        draws = iter([busy, busy, idle])
+        monkeypatch.setattr(_processes._random, "randrange", lambda _a, _b: next(draws))
+        monkeypatch.setattr(_processes, "_ephemeral_low", lambda: max(busy, idle) + 1000)
+        monkeypatch.setattr(_processes, "_handed_out", set())
+        assert free_port() == idle

@@ -11,15 +11,16 @@ through ``MESH_TEST_ETCD_DIR``. Standard library only: CI runs it before any vir
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,10 +121,22 @@ class Cluster:
         (self.directory / "cluster.json").write_text(json.dumps(state, indent=2))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _port_picker() -> Callable[[], int]:
+    # The demo's picker, which takes ports below the kernel's ephemeral range so that no
+    # outgoing connection holds a member's port when it (re)starts. Loaded by its path:
+    # this script runs before any virtualenv exists, and that module is standard library only.
+    path = Path(__file__).resolve().parents[2] / "mesh_middleware" / "demo" / "_processes.py"
+    spec = importlib.util.spec_from_file_location("mesh_test_processes", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    picker: Callable[[], int] = module.free_port
+    return picker
+
+
+free_port = _port_picker()
 
 
 def start_cluster(directory: Path, *, timeout: float = 30.0) -> Cluster:
