@@ -269,6 +269,21 @@ def test_the_cache_is_bounded(idp: OidcProvider) -> None:
     assert len(auth._cache) <= 3
 
 
+def test_a_cached_token_is_used_only_for_that_very_token(
+    idp: OidcProvider, auth: EndUserAuthentication
+) -> None:
+    """The cache is keyed by the signature's end: a token that shares it (the same signature on
+    a payload naming someone else) is verified afresh, and refused."""
+    token = idp.token("alice", audience=AUDIENCE)
+    assert auth.verify(token).subject == "alice"
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = ".".join([header, _b64(json.dumps({**claims, "sub": "mallory"}).encode()), signature])
+    assert forged[-43:] == token[-43:]
+    assert _reason(auth, forged) == "end-user token signature is invalid"
+    assert auth.verify(token).subject == "alice"
+
+
 def test_a_key_set_change_drops_cached_verifications(idp: OidcProvider, tmp_path: Path) -> None:
     """Once the provider retires a key, tokens it signed stop verifying, cached or not."""
     with oidc_provider(tmp_path, algs=("RS256",)) as own:
