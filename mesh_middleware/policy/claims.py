@@ -1,7 +1,9 @@
 """Conditions on an end user's token claims, as Istio's ``request.auth.claims[...]`` has them.
 
 A claim is named by its key (``groups``), or by a path into nested objects in Istio's bracket
-form (``[realm_access][roles]``, also written ``request.auth.claims[realm_access][roles]``). A
+form (``[realm_access][roles]``, also written ``request.auth.claims[realm_access][roles]``).
+Istio's ``request.auth.audiences`` and ``request.auth.presenter`` are the ``aud`` and ``azp``
+claims; any other ``request.`` attribute is an error rather than a claim no token has. A
 string claim matches a pattern; a list claim matches when any of its elements does; numbers and
 booleans match their JSON spelling (``true``, ``42``). An absent claim, an object, or a claim of
 any other type never matches ``values`` and always holds ``not_values``.
@@ -19,6 +21,10 @@ from mesh_middleware.policy.patterns import StringMatcher
 __all__ = ["ClaimMatcher", "claim_path_problem", "claim_strings", "parse_claim_path"]
 
 _ISTIO_PREFIX = "request.auth.claims"
+_ISTIO_CLAIM_ATTRIBUTES = {
+    "request.auth.audiences": ("aud",),
+    "request.auth.presenter": ("azp",),
+}
 _BRACKETS = re.compile(r"\[([^\[\]]+)\]")
 _MAX_DEPTH = 8
 
@@ -28,6 +34,11 @@ def parse_claim_path(key: str) -> tuple[str, ...]:
 
     Raises ``ValueError`` for a key that is neither a plain claim name nor the bracket form.
     """
+    alias = _ISTIO_CLAIM_ATTRIBUTES.get(key)
+    if alias is not None:
+        return alias
+    if key.startswith("request.") and not key.startswith(_ISTIO_PREFIX + "["):
+        raise ValueError(_istio_attribute_problem(key))
     text = key[len(_ISTIO_PREFIX) :] if key.startswith(_ISTIO_PREFIX + "[") else key
     if not text:
         raise ValueError("empty claim name")
@@ -41,6 +52,17 @@ def parse_claim_path(key: str) -> tuple[str, ...]:
     if len(parts) > _MAX_DEPTH:
         raise ValueError(f"{key!r}: claims nest at most {_MAX_DEPTH} deep here")
     return tuple(parts)
+
+
+def _istio_attribute_problem(key: str) -> str:
+    # Taken as a plain claim name, it would name a claim no token has: a rule that never holds.
+    if key == "request.auth.principal":
+        return f"{key!r}: the end user's principal is matched by `users` / `not_users`"
+    return (
+        f"{key!r}: not a claim; write a claim as its name, [outer][inner] or "
+        "request.auth.claims[name] (request.auth.audiences and request.auth.presenter are "
+        "the aud and azp claims)"
+    )
 
 
 def claim_path_problem(key: str) -> str | None:

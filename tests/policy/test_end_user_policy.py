@@ -197,11 +197,35 @@ def test_forward_user_claims_are_top_level() -> None:
         ("[groups]", ("groups",)),
         ("[realm_access][roles]", ("realm_access", "roles")),
         ("request.auth.claims[nested][key]", ("nested", "key")),
+        ("request.auth.audiences", ("aud",)),
+        ("request.auth.presenter", ("azp",)),
     ],
 )
 def test_claim_keys(key: str, path: tuple[str, ...]) -> None:
-    """Plain names (dots and slashes included: URL claims), and Istio's bracket form."""
+    """Plain names (dots and slashes included: URL claims), Istio's bracket form, and Istio's
+    attributes that are claims."""
     assert parse_claim_path(key) == path
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("request.auth.principal", "matched by `users` / `not_users`"),
+        ("request.auth.claims.groups", "not a claim"),
+        ("request.auth.claims", "not a claim"),
+        ("request.headers[x-user]", "not a claim"),
+    ],
+)
+def test_other_istio_attributes_are_policy_errors(key: str, problem: str) -> None:
+    """Pasted from an Istio policy, they would otherwise be claims no token has: rules that
+    silently never hold."""
+    text = (
+        "service: a\ninbound:\n  end_users:\n    issuers: [{issuer: 'https://idp.example'}]\n"
+        "  authorization:\n    rules:\n"
+        f"      - {{name: r, action: allow, claims: {{'{key}': [x]}}}}\n"
+    )
+    issues = _issues(text)
+    assert any(problem in issue and ":7:" in issue for issue in issues), issues
 
 
 @pytest.mark.parametrize(
