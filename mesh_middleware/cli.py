@@ -108,13 +108,16 @@ def _policy_explain(args: argparse.Namespace) -> int:
 
 def _claims(given: list[tuple[str, str]]) -> dict[str, Any]:
     """``--claim K=V`` pairs as a claims object: ``[a][b]`` keys nest, a repeated key makes a
-    list, and a value starting with ``[`` or ``{`` is JSON."""
+    list, and a value starting with ``[`` or ``{`` is JSON, as is any value of ``K:=V`` (a
+    number, ``true``: claims that are not strings, as httpie spells them)."""
     from mesh_middleware.policy.claims import parse_claim_path
 
     claims: dict[str, Any] = {}
-    for key, raw in given:
+    for given_key, raw in given:
+        as_json = given_key.endswith(":")
+        key = given_key[:-1] if as_json else given_key
         value: Any = raw
-        if raw[:1] in ("[", "{"):
+        if as_json or raw[:1] in ("[", "{"):
             try:
                 value = json.loads(raw)
             except ValueError:
@@ -582,7 +585,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K=V",
         help="a claim of the end user's token (repeatable; a repeated K makes a list; "
-        "[outer][inner]=V nests; V starting with [ or { is JSON)",
+        "[outer][inner]=V nests; V starting with [ or { is JSON; K:=V takes V as JSON, "
+        "for numbers and booleans)",
     )
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     explain.set_defaults(run=_policy_explain)

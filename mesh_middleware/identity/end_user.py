@@ -291,6 +291,16 @@ def _decode(token: str, candidates: Iterable[Key], alg: str) -> dict[str, Any]:
 
 
 def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
+    audience = claims.get("aud")
+    if audience is not None and not (
+        isinstance(audience, str)
+        or (isinstance(audience, list) and all(isinstance(a, str) for a in audience))
+    ):
+        raise IdentityError("end-user token audience (aud) is not a string or a list of them")
+    for name in ("iat", "nbf"):
+        value = claims.get(name)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise IdentityError(f"end-user token {name} is not a number")
     options: dict[str, Any] = {"iss": {"essential": True, "value": issuer.spec.issuer}}
     options["sub"] = {"essential": True}
     options["exp"] = {"essential": True}

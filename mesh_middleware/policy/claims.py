@@ -3,15 +3,14 @@
 A claim is named by its key (``groups``), or by a path into nested objects in Istio's bracket
 form (``[realm_access][roles]``, also written ``request.auth.claims[realm_access][roles]``).
 Istio's ``request.auth.audiences`` and ``request.auth.presenter`` are the ``aud`` and ``azp``
-claims; any other ``request.`` attribute is an error rather than a claim no token has. A
-string claim matches a pattern; a list claim matches when any of its elements does; numbers and
-booleans match their JSON spelling (``true``, ``42``). An absent claim, an object, or a claim of
-any other type never matches ``values`` and always holds ``not_values``.
+claims; any other ``request.`` attribute is an error rather than a claim no token has. As in
+Istio, only strings are matched: a string claim matches a pattern, and a list claim matches when
+any of its string elements does. An absent claim, and a number, boolean, object or null, never
+matches ``values`` and always holds ``not_values``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -75,7 +74,8 @@ def claim_path_problem(key: str) -> str | None:
 
 
 def claim_strings(claims: Mapping[str, Any], path: tuple[str, ...]) -> list[str] | None:
-    """The claim's values as strings to match, or ``None`` when absent or not matchable."""
+    """The claim's strings to match (Istio matches string and list-of-string claims only), or
+    ``None`` when the claim is absent or not one of those."""
     value: Any = claims
     for part in path:
         if not isinstance(value, Mapping):
@@ -83,17 +83,10 @@ def claim_strings(claims: Mapping[str, Any], path: tuple[str, ...]) -> list[str]
         value = value.get(part)
         if value is None:
             return None
-    if isinstance(value, list):
-        return [s for s in (_scalar(v) for v in value) if s is not None]
-    scalar = _scalar(value)
-    return None if scalar is None else [scalar]
-
-
-def _scalar(value: Any) -> str | None:
     if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return json.dumps(value)
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
     return None
 
 

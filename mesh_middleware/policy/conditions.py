@@ -3,7 +3,8 @@
 Within a condition set all given fields must hold (AND); the values of one field are
 alternatives (OR); ``not_*`` fields exclude. Callers are service names, ``None`` for an
 anonymous caller; ``anonymous`` in a ``from`` list names that caller, ``*`` any authenticated one.
-End users are matched the same way by their principal (``iss/sub``), ``None`` when anonymous,
+End users are matched by their principal as Istio's ``requestPrincipals`` are (issuer and
+subject each on its own: :mod:`mesh_middleware.policy.principals`), ``None`` when anonymous,
 and by their token's claims.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from mesh_middleware.policy.claims import ClaimMatcher
 from mesh_middleware.policy.patterns import StringMatcher
+from mesh_middleware.policy.principals import PrincipalMatcher
 from mesh_middleware.policy.schema import HeaderCondition
 
 if TYPE_CHECKING:
@@ -99,8 +101,8 @@ class Conditions:
         self.paths = StringMatcher(paths) if paths else None
         self.not_paths = StringMatcher(not_paths) if not_paths else None
         self.headers = tuple(HeaderMatcher(n, c) for n, c in (headers or {}).items())
-        self.users = CallerMatcher(users) if users else None
-        self.not_users = CallerMatcher(not_users) if not_users else None
+        self.users = PrincipalMatcher(users) if users else None
+        self.not_users = PrincipalMatcher(not_users) if not_users else None
         self.claims = tuple(ClaimMatcher(k, v) for k, v in (claims or {}).items()) + tuple(
             ClaimMatcher(k, v, negate=True) for k, v in (not_claims or {}).items()
         )
@@ -140,10 +142,9 @@ class Conditions:
         return held
 
     def _user_holds(self, user: EndUser | None) -> bool:
-        principal = user.principal if user is not None else None
-        if self.users is not None and not self.users.matches(principal):
+        if self.users is not None and not self.users.matches(user):
             return False
-        if self.not_users is not None and self.not_users.matches(principal):
+        if self.not_users is not None and self.not_users.matches(user):
             return False
         if self.claims:
             claims = user.claims if user is not None else None

@@ -9,7 +9,7 @@ authorization.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mesh_middleware.errors import PathError
@@ -17,12 +17,19 @@ from mesh_middleware.identity.end_user import EndUser
 from mesh_middleware.policy.compiled import CompiledPolicy
 from mesh_middleware.policy.conditions import ANONYMOUS, Conditions
 from mesh_middleware.policy.paths import encode_path, normalize_path
+from mesh_middleware.policy.principals import PrincipalMatcher
 
 __all__ = ["explain", "split_principal"]
 
 
-def split_principal(principal: str) -> tuple[str, str]:
-    """``iss/sub`` → ``(iss, sub)``, split at the last ``/`` (issuers are often URLs)."""
+def split_principal(principal: str, issuers: Iterable[str] = ()) -> tuple[str, str]:
+    """``iss/sub`` → ``(iss, sub)``: after the longest of ``issuers`` that the principal starts
+    with (then ``/``), so that a subject may hold ``/``; otherwise at the last ``/`` (issuers
+    are often URLs)."""
+    known = [i for i in issuers if principal.startswith(i + "/") and len(principal) > len(i) + 1]
+    if known:
+        issuer = max(known, key=len)
+        return issuer, principal[len(issuer) + 1 :]
     issuer, sep, subject = principal.rpartition("/")
     if not sep or not issuer or not subject:
         raise ValueError(f"{principal!r}: expected ISSUER/SUBJECT")
@@ -97,14 +104,16 @@ def _end_user(
     settings = compiled.end_users
     if user is None or settings is None:
         return None, None
-    issuer, subject = split_principal(user)
+    issuer, subject = split_principal(user, settings.issuers)
     spec = next((s for s in settings.settings.issuers if s.issuer == issuer), None)
     if spec is None:
         return None, f"end-user token issuer {issuer!r} is not trusted here (401)"
     audience = claims.get("aud")
-    if spec.audiences and audience is not None:
-        given = [audience] if isinstance(audience, str) else list(audience)
-        if not set(given) & set(spec.audiences):
+    if audience is not None:
+        given = [audience] if isinstance(audience, str) else audience
+        if not isinstance(given, list) or not all(isinstance(a, str) for a in given):
+            return None, "end-user token audience (aud) is not a string or a list of them (401)"
+        if spec.audiences and not set(given) & set(spec.audiences):
             return None, "end-user token is for another audience (401)"
     full = {**claims, "iss": issuer, "sub": subject}
     return EndUser(issuer=issuer, subject=subject, claims=full, expires_at=math.inf), None
@@ -146,10 +155,10 @@ def _describe(cond: Conditions, user: EndUser | None) -> list[str]:
     principal = user.principal if user is not None else None
     lines = []
     if cond.users is not None:
-        ok = cond.users.matches(principal)
+        ok = cond.users.matches(user)
         lines.append(f"users {_patterns(cond.users)}: {_word(ok)} for {principal or ANONYMOUS}")
     if cond.not_users is not None:
-        ok = not cond.not_users.matches(principal)
+        ok = not cond.not_users.matches(user)
         lines.append(
             f"not_users {_patterns(cond.not_users)}: {_word(ok)} for {principal or ANONYMOUS}"
         )
@@ -159,8 +168,8 @@ def _describe(cond: Conditions, user: EndUser | None) -> list[str]:
     return lines
 
 
-def _patterns(matcher: Any) -> list[str]:
-    found = list(matcher.services.patterns)
+def _patterns(matcher: PrincipalMatcher) -> list[str]:
+    found = list(matcher.patterns)
     return [*found, ANONYMOUS] if matcher.anonymous else found
 
 

@@ -188,6 +188,11 @@ def test_an_unknown_kid(idp: OidcProvider, auth: EndUserAuthentication) -> None:
         ({"sub": None}, "end-user token lacks required claims: sub"),
         ({"iss": "https://evil.example"}, "end-user token issuer is not trusted here"),
         ({"iss": None}, "end-user token issuer is not trusted here"),
+        ({"aud": 7}, "end-user token audience (aud) is not a string or a list of them"),
+        ({"aud": [7, AUDIENCE]}, "end-user token audience (aud) is not a string or a list of them"),
+        ({"aud": {AUDIENCE: 1}}, "end-user token audience (aud) is not a string or a list of them"),
+        ({"iat": "yesterday"}, "end-user token iat is not a number"),
+        ({"nbf": True}, "end-user token nbf is not a number"),
     ],
 )
 def test_claims_are_checked(
@@ -197,7 +202,8 @@ def test_claims_are_checked(
     now = int(time.time())
     signed: dict[str, Any] = {"aud": AUDIENCE}
     for name, value in claims.items():
-        signed[name] = now + value if name in {"exp", "nbf", "iat"} and value else value
+        relative = name in {"exp", "nbf", "iat"} and type(value) is int
+        signed[name] = now + value if relative and value else value
     token = idp.token("alice", claims=signed)
     assert _reason(auth, token) == reason
 

@@ -42,6 +42,12 @@ Sources (cited per case group below as [tag]):
                 as a list whose any element matches; nested claims ``[a][b]`` (release note 21340
                 "AuthorizationPolicy now supports nested JWT claims"); ``request.auth.audiences``
                 reads claim ``aud``, ``request.auth.presenter`` claim ``azp``.
+                ``requestPrincipalGenerator``: the issuer and the subject are matched each on
+                its own (``iss/*`` is exactly that issuer, any subject; ``*/sub`` any issuer,
+                exactly that subject), so no issuer can pass for a user of another.
+[claim-types]   [conditions] on ``request.auth.claims``: "Note only support claim of type
+                string or list of string" (a boolean or number claim never matches ``values``,
+                so ``notValues`` holds for it).
 """
 
 from __future__ import annotations
@@ -364,6 +370,50 @@ inbound:
         users: ["{ISSUER_DISCOVERY}/*"]
 """,
 }
+
+POLICIES["principal-parts"] = f"""\
+service: tenants
+inbound:
+  authentication: permissive
+  end_users:
+    issuers:
+{_TESTING_ISSUER}      - issuer: "{SHOP}"
+        jwks_uri: "{JWKS_URI_SHOP}"
+  authorization:
+    rules:
+      - name: realms-issuer
+        action: allow
+        paths: ["/realms/*"]
+        users: ["https://accounts.example.com/realms/*"]
+      - name: team-alice
+        action: allow
+        paths: ["/team/*"]
+        users: ["{SHOP}/team/alice"]
+      - name: shop-any
+        action: allow
+        paths: ["/shop/*"]
+        users: ["{SHOP}/*"]
+      - name: alice-anywhere
+        action: allow
+        paths: ["/alice/*"]
+        users: ["*/alice"]
+      - name: verified-email
+        action: allow
+        paths: ["/verified/*"]
+        claims:
+          email_verified: ["true"]
+      - name: level-five
+        action: allow
+        paths: ["/level/*"]
+        claims:
+          level: ["5"]
+      - name: not-level-zero
+        action: allow
+        paths: ["/zero/*"]
+        users: ["*"]
+        not_claims:
+          level: ["0"]
+"""
 
 # Token kinds a case may send (only "valid" can be expressed to explain).
 VALID = "valid"
@@ -1482,6 +1532,139 @@ CASES: list[Case] = [
     # The second issuer of the same policy is accepted, but not named by the rule.
     _c("discovery-other-issuer-403", "discovery", "anonymous", "GET", "/me", deny(), user=ALICE),
     _c("discovery-no-token", "discovery", "anonymous", "GET", "/me", deny()),
+    # --- principal-parts: [generator] issuer and subject matched apart; [claim-types] ---
+    # `https://accounts.example.com/realms/*` is that issuer exactly: SHOP's URL extends it,
+    # but SHOP is another issuer.
+    _c(
+        "parts-longer-issuer-is-not-the-issuer",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/realms/x",
+        deny(),
+        user=SHOP_ALICE,
+    ),
+    # `{SHOP}/team/alice` names issuer `{SHOP}/team`: a SHOP token whose sub is `team/alice`
+    # is not that user.
+    _c(
+        "parts-subject-with-slash-is-not-another-issuer",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/team/x",
+        deny(),
+        user=f"{SHOP}/team/alice",
+    ),
+    _c(
+        "parts-subject-with-slash-under-its-issuer",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/shop/x",
+        allow("shop-any"),
+        user=f"{SHOP}/team/alice",
+    ),
+    _c(
+        "parts-issuer-star-names-that-issuer",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/shop/x",
+        allow("shop-any"),
+        user=SHOP_ALICE,
+    ),
+    _c(
+        "parts-other-issuer-not-in-issuer-star",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/shop/x",
+        deny(),
+        user=ALICE,
+    ),
+    _c(
+        "parts-star-slash-sub-any-issuer",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/alice/x",
+        allow("alice-anywhere"),
+        user=ALICE,
+    ),
+    _c(
+        "parts-star-slash-sub-is-exact",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/alice/x",
+        deny(),
+        user=f"{SHOP}/team/alice",
+    ),
+    # [claim-types]: the boolean true is not the string "true"; the string is.
+    _c(
+        "claim-boolean-never-matches-values",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/verified/x",
+        deny(),
+        user=SHOP_ALICE,
+        claims={"email_verified": True},
+        claim_args=("email_verified:=true",),
+    ),
+    _c(
+        "claim-string-true-matches",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/verified/x",
+        allow("verified-email"),
+        user=SHOP_ALICE,
+        claims={"email_verified": "true"},
+    ),
+    _c(
+        "claim-number-never-matches-values",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/level/x",
+        deny(),
+        user=SHOP_ALICE,
+        claims={"level": 5},
+        claim_args=("level:=5",),
+    ),
+    _c(
+        "claim-number-list-element-never-matches",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/level/x",
+        deny(),
+        user=SHOP_ALICE,
+        claims={"level": [5, 6]},
+    ),
+    # notValues holds for a claim that is not a string: the number 0 is not "0".
+    _c(
+        "claim-number-holds-not-values",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/zero/x",
+        allow("not-level-zero"),
+        user=SHOP_ALICE,
+        claims={"level": 0},
+        claim_args=("level:=0",),
+    ),
+    _c(
+        "claim-string-fails-not-values",
+        "principal-parts",
+        "anonymous",
+        "GET",
+        "/zero/x",
+        deny(),
+        user=SHOP_ALICE,
+        claims={"level": "0"},
+    ),
 ]
 
 SUBPROCESS_CASES = [

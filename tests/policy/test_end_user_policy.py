@@ -72,10 +72,15 @@ def test_a_full_end_user_policy_compiles() -> None:
     banned = EndUser(
         issuer=alice.issuer,
         subject="alice",
-        claims={**alice.claims, "banned": True},
+        claims={**alice.claims, "banned": "true"},
         expires_at=2e9,
     )
     assert not compiled.authorizer.decide("web", "GET", "/", {}, banned).allowed
+    # As in Istio, only string claims are matched: the boolean true is not the string "true".
+    boolean = EndUser(
+        issuer=alice.issuer, subject="bob", claims={**alice.claims, "banned": True}, expires_at=2e9
+    )
+    assert compiled.authorizer.decide("web", "GET", "/", {}, boolean).allowed
     assert not compiled.authorizer.decide("web", "GET", "/", {}, None).allowed
 
 
@@ -250,7 +255,51 @@ def test_claim_matching(value: object, values: bool, not_values: bool) -> None:
     assert ClaimMatcher("groups", ["admin"], negate=True).holds(None) is True
 
 
-def test_scalar_claims_match_their_json_spelling() -> None:
-    assert ClaimMatcher("verified", ["true"]).holds({"verified": True})
-    assert ClaimMatcher("level", ["3"]).holds({"level": 3})
-    assert not ClaimMatcher("level", ["3"]).holds({"level": "4"})
+def test_only_string_claims_match_as_in_istio() -> None:
+    """Istio matches string and list-of-string claims only: a number or boolean never holds
+    `values` and always holds `not_values`; a list's other elements are passed over."""
+    assert not ClaimMatcher("verified", ["true"]).holds({"verified": True})
+    assert ClaimMatcher("verified", ["true"], negate=True).holds({"verified": True})
+    assert not ClaimMatcher("level", ["3"]).holds({"level": 3})
+    assert ClaimMatcher("level", ["0"], negate=True).holds({"level": 0})
+    assert ClaimMatcher("level", ["3"]).holds({"level": "3"})
+    assert ClaimMatcher("groups", ["3"]).holds({"groups": [3, "3"]})
+    assert not ClaimMatcher("groups", ["3"]).holds({"groups": [3, True, None]})
+
+
+@pytest.mark.parametrize("audience", [[{"orders-api": 1}], {"orders-api": 1}, [7, "orders-api"], 7])
+def test_explain_refuses_an_audience_that_is_not_strings_as_the_verifier_does(
+    audience: object,
+) -> None:
+    """401 with a reason, as a real token with that `aud` gets (never a traceback)."""
+    from mesh_middleware.policy.explain import explain
+
+    result = explain(
+        compile_policy_text(FULL),
+        caller="web",
+        method="GET",
+        path="/",
+        user="https://idp.example.com/alice",
+        claims={"aud": audience},
+    )
+    assert result["status"] == 401
+    assert "audience (aud) is not a string" in result["reason"]
+
+
+def test_explain_splits_a_principal_after_a_known_issuer() -> None:
+    """A subject may hold "/": the principal is split after the policy's issuer."""
+    from mesh_middleware.policy.explain import split_principal
+
+    issuers = ["https://idp.example.com", "https://idp.example.com/tenant2"]
+    assert split_principal("https://idp.example.com/team/alice", issuers) == (
+        "https://idp.example.com",
+        "team/alice",
+    )
+    assert split_principal("https://idp.example.com/tenant2/bob", issuers) == (
+        "https://idp.example.com/tenant2",
+        "bob",
+    )
+    assert split_principal("https://other.example/team/alice", issuers) == (
+        "https://other.example/team",
+        "alice",
+    )

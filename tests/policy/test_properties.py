@@ -6,6 +6,7 @@ against invariants DESIGN §2 states) over generated inputs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -493,8 +494,24 @@ USER_PATTERNS = [
     "https://idp.test/*",
     "*/bob",
     "https://other.test/*",
+    "https://idp.test/tenant2/bob",
+    "*test/bob",
+    "*tenant2/bob",
+    "https://idp.test/al*",
+    "*ice",
+    "*bob",
+    "https://idp*",
 ]
-PRINCIPALS = [None, "https://idp.test/alice", "https://idp.test/bob", "https://other.test/bob"]
+# (issuer, subject): a subject may hold "/", and an issuer may extend another's URL.
+PRINCIPALS = [
+    None,
+    ("https://idp.test", "alice"),
+    ("https://idp.test", "bob"),
+    ("https://other.test", "bob"),
+    ("https://idp.test/tenant2", "bob"),
+    ("https://idp.test", "tenant2/bob"),
+    ("https://idp.test", "alice/bob"),
+]
 CLAIM_KEYS = ["groups", "role", "[org][team]", "request.auth.claims[org][team]", "level"]
 CLAIM_PATTERNS = ["admin", "ad*", "*min", "*", "ops", "true", "3"]
 
@@ -548,7 +565,7 @@ class UserRequest:
     method: str
     path: str
     headers: dict[str, str]
-    principal: str | None
+    principal: tuple[str, str] | None
     claims: dict[str, Any]
 
 
@@ -564,28 +581,52 @@ _USER_REQUEST = st.builds(
 
 
 def _reference_claim(claims: Mapping[str, Any], key: str) -> list[str] | None:
-    """Istio's reading of a claim: a string, or any string of a list; JSON for scalars."""
+    """Istio's reading of a claim: a string, or the strings of a list; nothing else."""
     path = ["org", "team"] if "[org]" in key else [key.strip("[]")]
     value: Any = claims
     for part in path:
         value = value.get(part) if isinstance(value, dict) else None
     scalars = value if isinstance(value, list) else [value]
-    found = []
-    for item in scalars:
-        if isinstance(item, bool):
-            found.append("true" if item else "false")
-        elif isinstance(item, int | float | str):
-            found.append(item if isinstance(item, str) else str(item))
-    return found or None
+    return [item for item in scalars if isinstance(item, str)] or None
+
+
+def _reference_principal(patterns: list[str], principal: tuple[str, str] | None) -> bool:
+    """Istio's requestPrincipals, as the regular expressions its generator writes: each pattern
+    split at its last "/" into an issuer and a subject matcher."""
+    if principal is None:
+        return "anonymous" in patterns
+    issuer, subject = principal
+    for pattern in patterns:
+        if pattern == "anonymous":
+            continue
+        cut = pattern.rfind("/")
+        iss, sub = (pattern[:cut], pattern[cut + 1 :]) if cut >= 0 else (pattern, "")
+        if pattern == "*":
+            iss_re, sub_re = ".+", ".+"
+        elif pattern.startswith("*") and cut >= 0:
+            iss_re = ".+" if iss == "*" else ".*" + re.escape(iss[1:])
+            sub_re = re.escape(sub)
+        elif pattern.startswith("*"):
+            iss_re, sub_re = ".+", ".*" + re.escape(pattern[1:])
+        elif pattern.endswith("*") and cut >= 0:
+            iss_re = re.escape(iss)
+            sub_re = ".+" if sub == "*" else re.escape(sub[:-1]) + ".*"
+        elif pattern.endswith("*"):
+            iss_re, sub_re = re.escape(pattern[:-1]) + ".*", ".+"
+        else:
+            iss_re, sub_re = re.escape(iss), re.escape(sub)
+        if re.fullmatch(iss_re, issuer, re.S) and re.fullmatch(sub_re, subject, re.S):
+            return True
+    return False
 
 
 def _user_rule_holds(rule: Mapping[str, Any], request: UserRequest) -> bool:
     plain = Request(request.caller, request.method, request.path, request.headers)
     if not _rule_holds(rule, plain):
         return False
-    if "users" in rule and not _caller_matches(rule["users"], request.principal):
+    if "users" in rule and not _reference_principal(rule["users"], request.principal):
         return False
-    if "not_users" in rule and _caller_matches(rule["not_users"], request.principal):
+    if "not_users" in rule and _reference_principal(rule["not_users"], request.principal):
         return False
     claims = request.claims if request.principal is not None else {}
     for key, patterns in rule.get("claims", {}).items():
@@ -619,7 +660,7 @@ def test_authorizer_with_end_users_agrees_with_naive_evaluator(
     for request in requests:
         user = None
         if request.principal is not None:
-            issuer, _, subject = request.principal.rpartition("/")
+            issuer, subject = request.principal
             claims = {**request.claims, "iss": issuer, "sub": subject}
             user = EndUser(issuer=issuer, subject=subject, claims=claims, expires_at=2e9)
         args = (request.caller, request.method, request.path, request.headers, user)
