@@ -290,12 +290,18 @@ def _decode(token: str, candidates: Iterable[Key], alg: str) -> dict[str, Any]:
     raise IdentityError("end-user token does not verify with its issuer's keys")
 
 
+def audience_list(value: object) -> list[str] | None:
+    """A token's ``aud`` as a list; ``None`` when it is neither a string nor a list of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(a, str) for a in value):
+        return value
+    return None
+
+
 def _check_claims(claims: dict[str, Any], issuer: _Issuer, now: float) -> None:
     audience = claims.get("aud")
-    if audience is not None and not (
-        isinstance(audience, str)
-        or (isinstance(audience, list) and all(isinstance(a, str) for a in audience))
-    ):
+    if audience is not None and audience_list(audience) is None:
         raise IdentityError("end-user token audience (aud) is not a string or a list of them")
     for name in ("iat", "nbf"):
         value = claims.get(name)

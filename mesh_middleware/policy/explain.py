@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mesh_middleware.errors import PathError
-from mesh_middleware.identity.end_user import EndUser
+from mesh_middleware.identity.end_user import EndUser, audience_list
 from mesh_middleware.policy.compiled import CompiledPolicy
 from mesh_middleware.policy.conditions import ANONYMOUS, Conditions
 from mesh_middleware.policy.paths import encode_path, normalize_path
@@ -110,8 +110,8 @@ def _end_user(
         return None, f"end-user token issuer {issuer!r} is not trusted here (401)"
     audience = claims.get("aud")
     if audience is not None:
-        given = [audience] if isinstance(audience, str) else audience
-        if not isinstance(given, list) or not all(isinstance(a, str) for a in given):
+        given = audience_list(audience)
+        if given is None:
             return None, "end-user token audience (aud) is not a string or a list of them (401)"
         if spec.audiences and not set(given) & set(spec.audiences):
             return None, "end-user token is for another audience (401)"
