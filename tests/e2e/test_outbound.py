@@ -108,14 +108,25 @@ async def _settle(client: httpx.AsyncClient, url: str, instances: int, mesh: Mes
 # -- 1. an instance dies under load ------------------------------------------------------------
 
 
+class TornAnswer(Exception):
+    """The instance sent an answer's head, then died before its body ended. The call had
+    already answered, so nothing can retry it (nor can Envoy, which forwards a head as it
+    comes); the load counts it apart from failures the mesh should have retried."""
+
+
 def test_sigkill_of_one_of_three_instances_under_load_fails_no_get(
     registry: Registry, ups: dict[str, Upstream], make_mesh: MeshFactory
 ) -> None:
-    """kill -9 of one instance mid-load: every GET still answers 200 (the tries that were in
-    flight or refused are retried on the survivors; the outlier detector ejects the dead one)."""
+    """kill -9 of one instance mid-load: every GET gets its answer (the tries that were in
+    flight or refused are retried on the survivors; the outlier detector ejects the dead one).
+
+    The one exception is an answer the victim had begun, head sent and body cut off by the
+    kill: a few microseconds of each answer's life, hit once so far in this project's CI runs. Such
+    answers are counted apart; there can be no more of them than calls in flight, and 99.9% of
+    all GETs must succeed all the same (issue 4's bar)."""
     _join(registry.url, "killme", {k: (ups[k], "v1") for k in ("k1", "k2", "k3")})
     mesh = make_mesh()
-    total, kill_at = 2400, 800
+    total, kill_at, concurrency = 2400, 800, 16
     victim = ups["k2"]
     at_kill: Counter[str] = Counter()
 
@@ -126,25 +137,42 @@ def test_sigkill_of_one_of_three_instances_under_load_fails_no_get(
 
     async def scenario() -> LoadResult:
         async with mesh.async_client(timeout=10) as client:
+
+            async def get(i: int) -> httpx.Response:
+                request = client.build_request("GET", f"http://killme/items/{i}")
+                # The head is back once send returns: every retry is behind us by then.
+                response = await client.send(request, stream=True)
+                try:
+                    await response.aread()
+                except httpx.TransportError as exc:
+                    raise TornAnswer(repr(exc)) from exc
+                finally:
+                    await response.aclose()
+                return response
+
             await _settle(client, "http://killme/warm", 3, mesh)
             return await load(
-                lambda i: client.get(f"http://killme/items/{i}"),
+                get,
                 requests=total,
-                concurrency=16,
+                concurrency=concurrency,
                 seconds=90,
                 on_progress=progress,
             )
 
     result = asyncio.run(scenario())
+    torn = result.errors.pop(TornAnswer.__name__, 0)
     print(
         f"\nkill -9 mid-load: {result.ok}/{result.sent} GETs succeeded in {result.seconds:.1f} s"
-        f" (answers by {dict(result.names)}; k2 answered {at_kill['k2']} before its kill)"
+        f" (answers by {dict(result.names)}; k2 answered {at_kill['k2']} before its kill;"
+        f" {torn} answers torn by the kill)"
     )
     assert victim.proc.poll() is not None, "the instance was never killed"
     assert at_kill["k2"] > 0, "k2 was not serving before the kill"
     assert result.sent == total, "the load was cut short by its deadline"
-    assert result.errors == Counter(), result.errors
-    assert result.ok == total, result.statuses
+    assert result.errors == Counter(), result.errors  # every failed try was retried
+    assert torn <= concurrency, torn
+    assert result.ok == total - torn, result.statuses
+    assert result.ok >= 0.999 * total, result.ok
 
 
 # -- 2. a slow instance -----------------------------------------------------------------------
