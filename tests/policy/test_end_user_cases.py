@@ -82,6 +82,10 @@ _TESTING_ISSUER = f"""\
       - issuer: "{TESTING}"
         jwks_uri: "{JWKS_URI_TESTING}"
 """
+_SHOP_ISSUER = f"""\
+      - issuer: "{SHOP}"
+        jwks_uri: "{JWKS_URI_SHOP}"
+"""
 
 POLICIES: dict[str, str] = {
     # [authz-jwt] steps 1-3 and [ra-ref]: a RequestAuthentication alone. Invalid tokens are
@@ -161,9 +165,7 @@ inbound:
   authentication: permissive
   end_users:
     issuers:
-{_TESTING_ISSUER}      - issuer: "{SHOP}"
-        jwks_uri: "{JWKS_URI_SHOP}"
-  authorization:
+{_TESTING_ISSUER}{_SHOP_ISSUER}  authorization:
     rules:
       - name: testing-users
         action: allow
@@ -229,9 +231,7 @@ inbound:
   authentication: permissive
   end_users:
     issuers:
-      - issuer: "{SHOP}"
-        jwks_uri: "{JWKS_URI_SHOP}"
-  authorization:
+{_SHOP_ISSUER}  authorization:
     rules:
       - name: deny-suspended
         action: deny
@@ -369,17 +369,14 @@ inbound:
         action: allow
         users: ["{ISSUER_DISCOVERY}/*"]
 """,
-}
-
-POLICIES["principal-parts"] = f"""\
+    # [generator] issuer and subject matched apart; [claim-types] strings only.
+    "principal-parts": f"""\
 service: tenants
 inbound:
   authentication: permissive
   end_users:
     issuers:
-{_TESTING_ISSUER}      - issuer: "{SHOP}"
-        jwks_uri: "{JWKS_URI_SHOP}"
-  authorization:
+{_TESTING_ISSUER}{_SHOP_ISSUER}  authorization:
     rules:
       - name: realms-issuer
         action: allow
@@ -413,7 +410,9 @@ inbound:
         users: ["*"]
         not_claims:
           level: ["0"]
-"""
+""",
+}
+
 
 # Token kinds a case may send (only "valid" can be expressed to explain).
 VALID = "valid"
